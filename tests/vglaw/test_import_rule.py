@@ -1,0 +1,38 @@
+"""The model library knows nothing about the cluster: no ray, mlflow or torch.distributed under vglaw/."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import vglaw
+
+FORBIDDEN = ("ray", "mlflow", "torch.distributed")
+
+
+def _is_forbidden(module: str) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in FORBIDDEN)
+
+
+def test_no_forbidden_import_statements() -> None:
+    offenders = []
+    for path in Path(vglaw.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if _is_forbidden(n)]
+    assert not offenders, offenders
+
+
+def test_importing_vglaw_loads_no_cluster_module() -> None:
+    code = (
+        "import sys, vglaw, vglaw.weights, vglaw.predictor, vglaw.losses, vglaw.metrics, vglaw.geometry\n"
+        "print(','.join(m for m in sys.modules if m in ('ray', 'mlflow')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing vglaw pulled in: {out}"

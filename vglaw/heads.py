@@ -1,0 +1,70 @@
+"""The multi-task head: a REC box branch and a RES mask branch, both conditioned on [CLS] (spec items 5, 6)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import Tensor, nn
+
+
+class LanguageAdaptivePooling(nn.Module):
+    """Pools a visual feature map with one attention query made from the expression's [CLS] feature."""
+
+    def __init__(self, *, visual_dim: int, text_dim: int, key_dim: int) -> None:
+        super().__init__()
+        self.key_dim = key_dim
+        self.query = nn.Linear(text_dim, key_dim)
+        self.key = nn.Linear(visual_dim, key_dim)
+        self.value = nn.Linear(visual_dim, visual_dim)
+
+    def forward(self, visual: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
+        """``visual`` [B, C, h, w], ``cls`` [B, d_l] -> pooled [B, C] and attention A [B, h, w]."""
+        b, _, h, w = visual.shape
+        tokens = visual.flatten(2).transpose(1, 2)  # [B, hw, C]
+        query = self.query(cls).unsqueeze(1)  # [B, 1, k]
+        logits = (query @ self.key(tokens).transpose(1, 2)).squeeze(1) / math.sqrt(self.key_dim)  # [B, hw]
+        attn = logits.softmax(dim=-1)
+        pooled = torch.bmm(attn.unsqueeze(1), self.value(tokens)).squeeze(1)  # [B, C]
+        return pooled, attn.reshape(b, h, w)
+
+
+class BoxHead(nn.Module):
+    """REC branch: LAP, a 3-layer MLP and a sigmoid -> (cx, cy, w, h) normalised to the padded canvas."""
+
+    def __init__(self, *, visual_dim: int, text_dim: int, key_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.pool = LanguageAdaptivePooling(visual_dim=visual_dim, text_dim=text_dim, key_dim=key_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(visual_dim, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, 4),
+        )
+
+    def forward(self, visual: Tensor, cls: Tensor) -> Tensor:
+        """``visual`` [B, C, h, w], ``cls`` [B, d_l] -> boxes [B, 4]."""
+        pooled, _ = self.pool(visual, cls)
+        return self.mlp(pooled).sigmoid()
+
+
+class MaskHead(nn.Module):
+    """RES branch: two stride-2 transposed convolutions to stride 4, a per-pixel dot product with [CLS], x4."""
+
+    def __init__(self, *, visual_dim: int, text_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(visual_dim, hidden_dim, kernel_size=2, stride=2),
+            LayerNorm2d(hidden_dim),
+            nn.GELU(),
+            nn.ConvTranspose2d(hidden_dim, text_dim, kernel_size=2, stride=2),
+        )
+
+    def forward(self, visual: Tensor, cls: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """``visual`` [B, C, h, w], ``cls`` [B, d_l] -> mask logits [B, *out_size]."""
+        features = self.upsample(visual)  # [B, d_l, 4h, 4w]
+        logits = torch.einsum("bchw,bc->bhw", features, cls.to(features.dtype))  # s-bar
+        return F.interpolate(logits.unsqueeze(1), size=out_size, mode="bilinear", align_corners=False).squeeze(1)
