@@ -21,12 +21,16 @@ class LowRankUpdate:
 
     down: Tensor  # [B, C_in, r]
     up: Tensor  # [C_out, r]
+    dense: bool = False  # materialise the [B, C_out, C_in] update instead (the slow reference path)
 
     def __call__(self, x: Tensor) -> Tensor:
         """``x`` [B, ..., C_in] -> the update's contribution [B, ..., C_out]."""
         batch, shape = x.shape[0], x.shape[1:-1]
         flat = x.reshape(batch, -1, x.shape[-1])  # [B, N, C_in]
-        out = torch.bmm(flat, self.down.to(x.dtype)) @ self.up.to(x.dtype).t()  # [B, N, C_out]
+        if self.dense:
+            out = torch.bmm(flat, self.materialise().to(x.dtype).transpose(1, 2))
+        else:
+            out = torch.bmm(flat, self.down.to(x.dtype)) @ self.up.to(x.dtype).t()  # [B, N, C_out]
         return out.reshape(batch, *shape, -1)
 
     def materialise(self) -> Tensor:
@@ -78,6 +82,7 @@ class LanguageAdaptiveWeights(nn.Module):
     def __init__(self, *, num_blocks: int, embed_dim: int, hidden_dim: int, rank: int, out_mult: int = 3) -> None:
         super().__init__()
         self.rank = rank
+        self.dense = False  # True computes through materialised per-sample weights (for comparisons only)
         # P and Q are shared by all blocks; Phi_i is per block.
         self.P = nn.Parameter(torch.randn(out_mult * embed_dim, rank) / math.sqrt(rank))  # [3C, d_w]
         self.Q = nn.Parameter(torch.randn(embed_dim, rank) / math.sqrt(embed_dim))  # [C, d_w]
@@ -95,7 +100,7 @@ class LanguageAdaptiveWeights(nn.Module):
     def forward(self, h1: Tensor) -> list[LowRankUpdate]:
         """``h1`` [B, blocks, d_h] -> one :class:`LowRankUpdate` per block."""
         return [
-            LowRankUpdate(down=torch.einsum("cr,bsr->bcs", self.Q, phi), up=self.P)  # down = Q Phi^T
+            LowRankUpdate(down=torch.einsum("cr,bsr->bcs", self.Q, phi), up=self.P, dense=self.dense)  # Q Phi^T
             for phi in self.phi_matrices(h1)
         ]
 

@@ -132,7 +132,12 @@ class VGLAWConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VGLAWConfig:
-        sections = {"vision": VisionConfig, "text": TextConfig, "adaptive": AdaptiveConfig, "head": HeadConfig}
+        sections = {
+            "vision": VisionConfig,
+            "text": TextConfig,
+            "adaptive": AdaptiveConfig,
+            "head": HeadConfig,
+        }
         unknown = set(data) - set(sections) - {"name"}
         _require(not unknown, f"unknown config sections {sorted(unknown)}")
         kwargs: dict[str, Any] = {k: sections[k](**data[k]) for k in sections if k in data}

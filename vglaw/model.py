@@ -90,9 +90,7 @@ class VGLAW(nn.Module):
         cls = text[:, 0]  # F_l^1, [B, d_l]
         features = self.visual(images, self.qkv_updates(text, mask))  # [B, C, h, w]
         boxes = self.box_head(features, cls) if self.box_head is not None else None
-        masks = (
-            self.mask_head(features, cls, out_size=tuple(images.shape[-2:])) if self.mask_head is not None else None
-        )
+        masks = self.mask_head(features, cls, out_size=tuple(images.shape[-2:])) if self.mask_head is not None else None
         return VGLAWOutput(boxes=boxes, mask_logits=masks, visual_features=features)
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:

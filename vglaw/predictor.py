@@ -59,7 +59,9 @@ class Predictor:
         batch_size: int = 16,
     ) -> None:
         if tokenizer.vocab_size != model.config.text.vocab_size:
-            raise ValueError(f"tokenizer ({tokenizer.vocab_size}) and model ({model.config.text.vocab_size}) vocabs differ")
+            raise ValueError(
+                f"tokenizer ({tokenizer.vocab_size}) and model ({model.config.text.vocab_size}) vocabs differ"
+            )
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -80,7 +82,9 @@ class Predictor:
     def predict_canvas(self, canvases: Tensor, expressions: Sequence[str]) -> CanvasPrediction:
         """Predict on letterboxed uint8 canvases [B, 3, S, S], one expression each."""
         if canvases.ndim != 4 or canvases.shape[1:] != (3, self.image_size, self.image_size):
-            raise ValueError(f"expected canvases [B, 3, {self.image_size}, {self.image_size}], got {tuple(canvases.shape)}")
+            raise ValueError(
+                f"expected canvases [B, 3, {self.image_size}, {self.image_size}], got {tuple(canvases.shape)}"
+            )
         if len(expressions) != canvases.shape[0]:
             raise ValueError(f"{canvases.shape[0]} images but {len(expressions)} expressions")
         for text in expressions:
@@ -99,7 +103,9 @@ class Predictor:
                 probs.append(out.mask_logits.float().sigmoid())
             truncated.extend(tokens.truncated)
         return CanvasPrediction(
-            boxes=torch.cat(boxes) if boxes else None, mask_probs=torch.cat(probs) if probs else None, truncated=truncated
+            boxes=torch.cat(boxes) if boxes else None,
+            mask_probs=torch.cat(probs) if probs else None,
+            truncated=truncated,
         )
 
     def predict_letterboxed(

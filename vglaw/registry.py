@@ -31,7 +31,13 @@ def small() -> VGLAWConfig:
     return VGLAWConfig(
         name="small",
         vision=VisionConfig(
-            image_size=256, embed_dim=192, depth=6, num_heads=3, window_size=8, global_blocks=(2, 5), drop_path=0.05
+            image_size=256,
+            embed_dim=192,
+            depth=6,
+            num_heads=3,
+            window_size=8,
+            global_blocks=(2, 5),
+            drop_path=0.05,
         ),
         text=TextConfig(num_layers=2, hidden_size=192, num_attention_heads=3, intermediate_size=768, vocab_size=8192),
         adaptive=AdaptiveConfig(groups=3, reduction=16, rank=16),
@@ -45,7 +51,13 @@ def tiny() -> VGLAWConfig:
     return VGLAWConfig(
         name="tiny",
         vision=VisionConfig(
-            image_size=128, embed_dim=128, depth=4, num_heads=4, window_size=4, global_blocks=(1, 3), drop_path=0.0
+            image_size=128,
+            embed_dim=128,
+            depth=4,
+            num_heads=4,
+            window_size=4,
+            global_blocks=(1, 3),
+            drop_path=0.0,
         ),
         text=TextConfig(num_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=256, vocab_size=4096),
         adaptive=AdaptiveConfig(groups=4, reduction=16, rank=16),

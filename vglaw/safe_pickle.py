@@ -48,9 +48,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._allowed:
-            raise UnsafePickleError(
-                f"refused to unpickle global '{module}.{name}': only plain data is accepted here"
-            )
+            raise UnsafePickleError(f"refused to unpickle global '{module}.{name}': only plain data is accepted here")
         if module == "__builtin__":  # Python 2 pickles
             module = "builtins"
         return super().find_class(module, name)

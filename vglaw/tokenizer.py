@@ -68,7 +68,10 @@ class ExpressionTokenizer:
         """Train a lower-cased WordPiece vocab of at most ``vocab_size`` tokens on ``expressions``."""
         trainer = BertWordPieceTokenizer(lowercase=True)
         trainer.train_from_iterator(
-            expressions, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS)
+            expressions,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
         )
         return cls(trainer.get_vocab(), max_tokens=max_tokens)
 

@@ -69,7 +69,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, window: int, update: LowRankUpdate | None = None) -> Tensor:
         """``x`` [B, H, W, C] (already normalised) -> [B, H, W, C]; ``window`` 0 means global attention."""
-        b, h, w, c = x.shape
+        _, h, w, c = x.shape
         if window:
             # Pad the input, not the qkv, so padded tokens see exactly what ViTDet/SAM give them.
             pad_h, pad_w = (-h) % window, (-w) % window

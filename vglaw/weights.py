@@ -166,9 +166,9 @@ def resample_pos_embed(pos: Tensor, height: int, width: int) -> Tensor:
     """
     if pos.ndim == 3:
         tokens = pos.shape[1]
-        side = int(round(tokens**0.5))
+        side = round(tokens**0.5)
         if side * side != tokens:  # a leading class-token position
-            side = int(round((tokens - 1) ** 0.5))
+            side = round((tokens - 1) ** 0.5)
             if side * side != tokens - 1:
                 raise WeightImportError(f"pos_embed with {tokens} positions is not a square grid")
             pos = pos[:, 1:]
@@ -217,20 +217,24 @@ def load_bert_weights(language: nn.Module, directory: str | os.PathLike[str]) ->
         name = key.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
         name = name.replace("LayerNorm.beta", "LayerNorm.bias")
         layer = re.match(r"encoder\.layer\.(\d+)\.", name)
-        dropped = (
-            name.startswith(("pooler.", "cls.")) or (layer is not None and int(layer.group(1)) >= layers)
-        ) or (name == "embeddings.position_ids" and name not in wanted)
+        dropped = (name.startswith(("pooler.", "cls.")) or (layer is not None and int(layer.group(1)) >= layers)) or (
+            name == "embeddings.position_ids" and name not in wanted
+        )
         if dropped:
             report.dropped.append(key)
         elif name not in wanted:
             unexpected.append(key)
         elif value.shape != wanted[name].shape:
-            raise WeightImportError(f"{key}: checkpoint shape {tuple(value.shape)} != model {tuple(wanted[name].shape)}")
+            raise WeightImportError(
+                f"{key}: checkpoint shape {tuple(value.shape)} != model {tuple(wanted[name].shape)}"
+            )
         else:
             converted[name] = value
     missing = [k for k in wanted if k not in converted and not k.endswith("position_ids")]
     if missing or unexpected:
-        raise WeightImportError(f"BERT checkpoint mismatch: missing {missing or 'none'}, unexpected {unexpected or 'none'}")
+        raise WeightImportError(
+            f"BERT checkpoint mismatch: missing {missing or 'none'}, unexpected {unexpected or 'none'}"
+        )
     bert.load_state_dict(converted, strict=False)
     report.loaded = sorted(converted)
     return report

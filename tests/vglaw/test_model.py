@@ -141,7 +141,13 @@ def test_base_matches_the_paper_and_runs_at_448() -> None:
     torch.manual_seed(0)
     model = create_model("base").eval()
     v = model.config.vision
-    assert (v.image_size, v.embed_dim, v.depth, v.window_size, v.global_blocks) == (448, 768, 12, 14, (2, 5, 8, 11))
+    assert (v.image_size, v.embed_dim, v.depth, v.window_size, v.global_blocks) == (
+        448,
+        768,
+        12,
+        14,
+        (2, 5, 8, 11),
+    )
     assert dataclasses.astuple(model.config.adaptive) == (True, 12, 16, 32)
     count = sum(p.numel() for p in model.parameters())
     print(f"base parameters: {count:,} (spec: {expected_base_parameters():,})")

@@ -68,5 +68,6 @@ def test_from_pretrained_directory(tmp_path, tiny_model, tokenizer) -> None:
     loaded = Predictor.from_pretrained(tmp_path)
     image = np.random.default_rng(3).integers(0, 255, (50, 70, 3), dtype=np.uint8)
     np.testing.assert_allclose(
-        loaded.predict(image, "the red circle").box, Predictor(tiny_model, tokenizer).predict(image, "the red circle").box
+        loaded.predict(image, "the red circle").box,
+        Predictor(tiny_model, tokenizer).predict(image, "the red circle").box,
     )

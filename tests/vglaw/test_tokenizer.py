@@ -20,7 +20,9 @@ def test_trained_vocab_round_trips(tmp_path) -> None:
     tokenizer.save(tmp_path)
     reloaded = ExpressionTokenizer.from_vocab_file(tmp_path / "vocab.txt")
     assert reloaded.vocab_size == tokenizer.vocab_size
-    assert reloaded(["The small RED circle"]).input_ids.tolist() == tokenizer(["the small red circle"]).input_ids.tolist()
+    assert (
+        reloaded(["The small RED circle"]).input_ids.tolist() == tokenizer(["the small red circle"]).input_ids.tolist()
+    )
 
 
 def test_long_expressions_are_cut_and_flagged() -> None:

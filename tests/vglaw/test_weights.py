@@ -48,7 +48,10 @@ def timm_sam():
 def _base_backbone() -> ViTDetBackbone:
     config = get_config("base").vision
     return ViTDetBackbone(
-        image_size=config.image_size, window_size=config.window_size, global_blocks=config.global_blocks, drop_path=0
+        image_size=config.image_size,
+        window_size=config.window_size,
+        global_blocks=config.global_blocks,
+        drop_path=0,
     ).eval()
 
 
@@ -143,7 +146,7 @@ def test_mismatches_are_named() -> None:
     with pytest.raises(WeightImportError, match=r"missing \['blocks.1.mlp.fc2.weight'\]"):
         load_vit_weights(backbone, missing)
     wrong = dict(good, **{"blocks.0.mlp.fc1.weight": torch.zeros(10, 32)})
-    with pytest.raises(WeightImportError, match="blocks.0.mlp.fc1.weight: checkpoint shape"):
+    with pytest.raises(WeightImportError, match=r"blocks\.0\.mlp\.fc1\.weight: checkpoint shape"):
         load_vit_weights(backbone, wrong)
     with pytest.raises(FileNotFoundError):
         load_vit_weights(backbone, "/nonexistent/vit.pth")
