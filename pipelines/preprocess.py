@@ -1,0 +1,341 @@
+"""Ray Data preprocessing: a REFER dataset -> sharded Parquet per split + ``manifest.json``.
+
+Shape of the job::
+
+    driver: REFER reader -> ImageTasks (one per image and split), grouped by split
+    per split: from_items(tasks) -> map_batches(encode_image_task) -> write_parquet(<stage>/<split>/)
+    driver: collect skips, check the accounting, write manifest.json, swap <stage> into <out>
+
+Everything goes into a hidden staging folder beside ``out`` first; only a complete output (manifest
+included) is renamed into place, so a reader never sees a half-written mix. Skipped items are gathered by
+a small actor while the data streams, and the driver checks that for every split
+``rows written + expressions skipped == expressions expected``: nothing vanishes silently.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.image_rows import (
+    IMAGE_FORMATS,
+    ImageTask,
+    Skip,
+    build_image_tasks,
+    encode_image_task,
+    rows_to_table,
+)
+from pipelines.manifest import code_version, file_sha256, parquet_file_rows, write_manifest
+from pipelines.refer import ReferDataset, ReferProblem, ReferSource
+from pipelines.row_schema import COLUMN_DOCS, SCHEMA_VERSION
+
+__all__ = [
+    "PreprocessConfig",
+    "PreprocessError",
+    "StrictModeError",
+    "ensure_ray",
+    "format_summary",
+    "run_preprocess",
+]
+
+
+class PreprocessError(RuntimeError):
+    """Raised when the job cannot produce a complete, consistent output."""
+
+
+class StrictModeError(PreprocessError):
+    """Raised in ``strict`` mode for the first item that would have been skipped."""
+
+
+@dataclass
+class PreprocessConfig:
+    """One preprocessing run.
+
+    Attributes:
+        dataset: REFER dataset name (``refcoco``, ``refcoco+``, ``refcocog``, ``refclef``, ``synthetic``).
+        split_by: Split variant (``unc``, ``google``, ``umd``, ``berkeley``).
+        refer_root: Folder with ``<dataset>/refs(<split_by>).p`` and ``<dataset>/instances.json``.
+        image_root: Folder the images' ``file_name`` are relative to.
+        out: Output folder (replaced atomically when ``overwrite``).
+        image_size: Side of the letterboxed square canvas.
+        rows_per_file: Most rows per Parquet file.
+        image_format: Encoding of the canvas bytes, ``jpeg`` (quality 95, 4:4:4) or ``png``.
+        images_per_task: Images per Ray task; larger amortises scheduling, smaller balances better.
+        strict: Fail on the first skipped item instead of listing it.
+        overwrite: Replace an existing output instead of refusing.
+    """
+
+    dataset: str
+    split_by: str
+    refer_root: Path
+    image_root: Path
+    out: Path
+    image_size: int = 448
+    rows_per_file: int = 1000
+    image_format: str = "jpeg"
+    images_per_task: int = 16
+    strict: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.refer_root, self.image_root, self.out = (
+            Path(self.refer_root),
+            Path(self.image_root),
+            Path(self.out),
+        )
+        ReferSource(self.refer_root, self.dataset, self.split_by, self.image_root)  # validates the names
+        if not 16 <= self.image_size <= 4096:
+            raise ValueError(f"image_size must be within 16..4096, got {self.image_size}")
+        if self.rows_per_file < 1 or self.images_per_task < 1:
+            raise ValueError("rows_per_file and images_per_task must be >= 1")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+
+    @property
+    def source(self) -> ReferSource:
+        """The REFER source this run reads."""
+        return ReferSource(self.refer_root, self.dataset, self.split_by, self.image_root)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Starts or joins Ray: a running cluster when ``RAY_ADDRESS`` is set, else a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # NOTE: resources belong to the cluster; num_cpus would be an error here.
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def _problem_to_skip(problem: ReferProblem) -> Skip:
+    return Skip(
+        reason=problem.reason,
+        split=problem.split,
+        image_id=problem.image_id,
+        file_name=problem.file_name,
+        ann_id=problem.ann_id,
+        ref_ids=() if problem.ref_id is None else (problem.ref_id,),
+        sent_ids=problem.sent_ids,
+    )
+
+
+def _make_skip_log() -> Any:
+    """A zero-CPU actor that gathers skips from the workers, deduplicating retried tasks."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SkipLog:
+        def __init__(self) -> None:
+            self._items: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+        def add(self, items: list[dict[str, Any]]) -> None:
+            for item in items:
+                self._items[(item["split"], item["image_id"], item["ann_id"], item["reason"])] = item
+
+        def items(self) -> list[dict[str, Any]]:
+            return list(self._items.values())
+
+    return SkipLog.remote()
+
+
+def _encode_batch(
+    batch: dict[str, np.ndarray], image_root: str, image_size: int, image_format: str, strict: bool, log: Any
+) -> pa.Table:
+    """Ray Data UDF: a batch of serialised :class:`ImageTask` s -> a table of rows."""
+    import ray
+
+    rows: list[dict[str, Any]] = []
+    skips: list[Skip] = []
+    for text in batch["task"]:
+        task_rows, task_skips = encode_image_task(ImageTask.from_json(str(text)), image_root, image_size, image_format)
+        rows += task_rows
+        skips += task_skips
+    if skips and strict:
+        first = skips[0]
+        raise StrictModeError(f"strict mode: image {first.image_id} ({first.file_name}): {first.reason}")
+    if skips:
+        ray.get(log.add.remote([s.to_dict() for s in skips]))
+    return rows_to_table(rows)
+
+
+def _write_split(config: PreprocessConfig, tasks: list[ImageTask], folder: Path, log: Any) -> None:
+    """Encodes one split's image tasks with Ray Data and writes them as Parquet into ``folder``."""
+    import ray
+
+    folder.mkdir()
+    if not tasks:
+        return
+    items = [{"task": t.to_json()} for t in tasks]
+    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / config.images_per_task))
+    ds = ds.map_batches(
+        _encode_batch,
+        batch_size=config.images_per_task,
+        batch_format="numpy",
+        fn_kwargs={
+            "image_root": str(config.image_root.absolute()),
+            "image_size": config.image_size,
+            "image_format": config.image_format,
+            "strict": config.strict,
+            "log": log,
+        },
+    )
+    ds.write_parquet(str(folder), min_rows_per_file=config.rows_per_file, max_rows_per_file=config.rows_per_file)
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """Moves the finished ``stage`` to ``out``, replacing an old output by two renames (never a mix)."""
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_preprocess(config: PreprocessConfig, num_cpus: int | None = None) -> dict[str, Any]:
+    """Runs the job and returns the manifest it wrote.
+
+    Args:
+        config: What to preprocess and where to.
+        num_cpus: CPUs for a local Ray started here (ignored when Ray is running or ``RAY_ADDRESS`` is set).
+
+    Raises:
+        FileExistsError: If ``out`` exists and ``overwrite`` is false.
+        StrictModeError: In strict mode, on the first item that would be skipped.
+        PreprocessError: If the job fails or its row accounting does not add up.
+    """
+    import ray
+
+    out = config.out.absolute()
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite (--overwrite) to replace it")
+    started = time.perf_counter()
+    source = config.source
+    dataset = ReferDataset.load(source)
+    reader_skips = [_problem_to_skip(p) for p in dataset.problems]
+    if reader_skips and config.strict:
+        raise StrictModeError(f"strict mode: {reader_skips[0].reason} (ref {reader_skips[0].ref_ids})")
+    tasks = build_image_tasks(dataset)
+    splits = list(dict.fromkeys([t.split for t in tasks] + [s.split for s in reader_skips if s.split]))
+    expected: Counter[str] = Counter(e.split for e in dataset.expressions)
+    for s in reader_skips:
+        expected[s.split or "?"] += len(s.sent_ids)
+
+    ensure_ray(num_cpus)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    log = _make_skip_log()
+    try:
+        # NOTE: the splits run as concurrent Ray Data executions, so that the small held-out splits overlap
+        # with train instead of each paying its own ramp-up and tail.
+        with ThreadPoolExecutor(max_workers=max(1, len(splits))) as pool:
+            futures = [
+                pool.submit(_write_split, config, [t for t in tasks if t.split == s], stage / s, log) for s in splits
+            ]
+            for future in futures:
+                future.result()
+        skips = [s.to_dict() for s in reader_skips] + ray.get(log.items.remote())
+        manifest = _build_manifest(config, dataset, tasks, splits, expected, skips, stage, started)
+        write_manifest(stage, manifest)
+        _commit(stage, out)
+    except StrictModeError:
+        raise
+    except Exception as err:
+        if "StrictModeError" in f"{type(err).__name__}: {err}":
+            message = str(err).split("strict mode:", 1)[-1].strip().splitlines()[0]
+            raise StrictModeError(f"strict mode: {message}") from err
+        raise PreprocessError(f"preprocessing {source.dataset}({source.split_by}) failed: {err}") from err
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        ray.kill(log)
+    return manifest
+
+
+def _build_manifest(
+    config: PreprocessConfig,
+    dataset: ReferDataset,
+    tasks: list[ImageTask],
+    splits: list[str],
+    expected: Counter[str],
+    skips: list[dict[str, Any]],
+    stage: Path,
+    started: float,
+) -> dict[str, Any]:
+    """Counts what was written from the Parquet footers and checks it against what was expected."""
+    lost: Counter[str] = Counter()
+    for s in skips:
+        lost[s["split"] or "?"] += s["expressions_lost"]
+    per_split: dict[str, Any] = {}
+    for split in splits:
+        files = parquet_file_rows(stage / split)
+        rows = sum(files.values())
+        split_tasks = [t for t in tasks if t.split == split]
+        if rows + lost[split] != expected[split]:
+            raise PreprocessError(
+                f"split {split}: {rows} rows written + {lost[split]} skipped != {expected[split]} expected"
+            )
+        per_split[split] = {
+            "rows": rows,
+            "expected_expressions": expected[split],
+            "skipped_expressions": lost[split],
+            "images": len(split_tasks) - sum(1 for s in skips if s["split"] == split and s["ann_id"] is None),
+            "refs": len({e.ref_id for e in dataset.expressions if e.split == split}),
+            "files": files,
+        }
+    elapsed = time.perf_counter() - started
+    images = sum(len([t for t in tasks if t.split == split]) for split in splits)
+    source = config.source
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": config.dataset,
+        "split_by": config.split_by,
+        "image_size": config.image_size,
+        "image_format": config.image_format,
+        "splits": per_split,
+        "total_rows": sum(v["rows"] for v in per_split.values()),
+        "skipped": skips,
+        "skipped_count": len(skips),
+        "source_files": {
+            source.refs_path.name: file_sha256(source.refs_path),
+            source.instances_path.name: file_sha256(source.instances_path),
+        },
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "code_version": code_version(),
+        "elapsed_s": round(elapsed, 3),
+        "images_per_s": round(images / elapsed, 2) if elapsed > 0 else None,
+        "columns": {name: str(dtype) for name, (dtype, _) in COLUMN_DOCS.items()},
+    }
+
+
+def format_summary(manifest: dict[str, Any]) -> str:
+    """A plain-text table of rows, images and skips per split, with time and throughput."""
+    header = f"{'split':<10} {'rows':>8} {'images':>8} {'refs':>7} {'skipped expr':>13} {'files':>6}"
+    lines = [header, "-" * len(header)]
+    for split, v in manifest["splits"].items():
+        lines.append(
+            f"{split:<10} {v['rows']:>8} {v['images']:>8} {v['refs']:>7} {v['skipped_expressions']:>13}"
+            f" {len(v['files']):>6}"
+        )
+    lines.append("-" * len(header))
+    lines.append(
+        f"{manifest['total_rows']} rows, {manifest['skipped_count']} skipped items, "
+        f"{manifest['elapsed_s']:.1f} s, {manifest['images_per_s']} images/s"
+    )
+    for s in manifest["skipped"][:20]:
+        lines.append(f"  skipped [{s['split']}] image {s['image_id']} ann {s['ann_id']}: {s['reason']}")
+    if manifest["skipped_count"] > 20:
+        lines.append(f"  ... {manifest['skipped_count'] - 20} more in manifest.json")
+    return "\n".join(lines)
