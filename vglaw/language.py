@@ -18,6 +18,7 @@ class LanguageBackbone(nn.Module):
         num_attention_heads: int,
         intermediate_size: int,
         max_position_embeddings: int = 512,
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
         config = BertConfig(
@@ -27,6 +28,7 @@ class LanguageBackbone(nn.Module):
             num_attention_heads=num_attention_heads,
             intermediate_size=intermediate_size,
             max_position_embeddings=max_position_embeddings,
+            initializer_range=init_std,
         )
         self.out_channels = hidden_size
         self.bert = BertModel(config, add_pooling_layer=False)

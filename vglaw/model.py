@@ -37,6 +37,7 @@ class VGLAW(nn.Module):
             num_attention_heads=t.num_attention_heads,
             intermediate_size=t.intermediate_size,
             max_position_embeddings=t.max_position_embeddings,
+            init_std=t.init_std,
         )
         self.visual = ViTDetBackbone(
             image_size=v.image_size,

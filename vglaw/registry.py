@@ -39,7 +39,9 @@ def small() -> VGLAWConfig:
             global_blocks=(2, 5),
             drop_path=0.05,
         ),
-        text=TextConfig(num_layers=2, hidden_size=192, num_attention_heads=3, intermediate_size=768, vocab_size=8192),
+        text=TextConfig(
+            num_layers=2, hidden_size=192, num_attention_heads=3, intermediate_size=768, vocab_size=8192, init_std=0.1
+        ),
         adaptive=AdaptiveConfig(groups=3, reduction=16, rank=16),
         head=HeadConfig(pool_dim=64, box_hidden=128, mask_hidden=96),
     )
@@ -59,7 +61,9 @@ def tiny() -> VGLAWConfig:
             global_blocks=(1, 3),
             drop_path=0.0,
         ),
-        text=TextConfig(num_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=256, vocab_size=4096),
+        text=TextConfig(
+            num_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=256, vocab_size=4096, init_std=0.1
+        ),
         adaptive=AdaptiveConfig(groups=4, reduction=16, rank=16),
         head=HeadConfig(pool_dim=32, box_hidden=64, mask_hidden=64),
     )

@@ -38,6 +38,19 @@ def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hei
     return bias.reshape(b, heads, height * width, height * width)
 
 
+def sincos_pos_embed(grid: int, dim: int) -> Tensor:
+    """2-D sine-cosine position embedding [1, grid, grid, dim]: half the channels encode y, half x."""
+    if dim % 4:
+        raise ValueError(f"sine-cosine position embedding needs a width divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # [dim/4]
+    coords = torch.arange(grid, dtype=torch.float64)
+    angles = coords[:, None] * freqs[None, :]  # [grid, dim/4]
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # [grid, dim/2]
+    y = axis[:, None, :].expand(grid, grid, dim // 2)
+    x = axis[None, :, :].expand(grid, grid, dim // 2)
+    return torch.cat([y, x], dim=-1).unsqueeze(0).float()
+
+
 def window_partition(x: Tensor, window: int) -> Tensor:
     """[B, H, W, C] with H, W multiples of ``window`` -> [B * nW, window, window, C]."""
     b, h, w, c = x.shape
@@ -149,8 +162,9 @@ class ViTDetBackbone(nn.Module):
         self.patch_embed = PatchEmbed(
             img_size=image_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim, output_fmt="NHWC"
         )
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))  # at the input grid
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # At the input grid. NOTE: initialised with fixed 2-D sine-cosine values, as MAE does: a model trained
+        # from scratch then knows where every token is from step 0, which box regression needs.
+        self.pos_embed = nn.Parameter(sincos_pos_embed(grid, embed_dim))
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth decay rule
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.blocks = nn.ModuleList()

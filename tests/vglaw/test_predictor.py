@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vglaw import Grounding, Predictor, save_pretrained
 from vglaw.geometry import Letterbox, cxcywh_to_xyxy
+from vglaw.transforms import to_uint8_tensor
 
 
 @pytest.fixture
@@ -31,9 +31,7 @@ def test_single_prediction_lives_in_original_pixels(predictor) -> None:
 def test_box_mapping_matches_the_letterbox_inverse(predictor) -> None:
     image = np.random.default_rng(1).integers(0, 255, (37, 500, 3), dtype=np.uint8)
     fit = Letterbox.fit(500, 37, predictor.image_size)
-    raw = predictor.predict_canvas(
-        torch.from_numpy(np.asarray(fit.image(Image.fromarray(image)))).permute(2, 0, 1)[None], ["the circle"]
-    )
+    raw = predictor.predict_canvas(to_uint8_tensor(fit.image(Image.fromarray(image)))[None], ["the circle"])
     expected = fit.box_from_canvas(cxcywh_to_xyxy(raw.boxes[0].numpy().astype(np.float64)) * predictor.image_size)
     expected = np.clip(expected, 0, [500, 37, 500, 37])
     np.testing.assert_allclose(predictor.predict(image, "the circle").box, expected, atol=1e-4)
