@@ -1,0 +1,211 @@
+"""The training stage's driver: plan the run, start Ray Train's TorchTrainer, record everything in MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipelines.batches import TRAINING_COLUMNS
+from pipelines.dataset_io import read_split, read_split_table
+from pipelines.manifest import read_manifest
+from pipelines.train_config import TrainConfig
+from pipelines.train_loop import train_loop_per_worker
+from vglaw import ExpressionTokenizer
+from vglaw.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from vglaw.tokenizer import VOCAB_FILE
+
+VALIDATION_COLUMNS = [
+    *TRAINING_COLUMNS,
+    "orig_width",
+    "orig_height",
+    "resized_width",
+    "resized_height",
+    "pad_x",
+    "pad_y",
+    "box_xywh",
+    "mask_rle",
+    "mask_size",
+    "ref_id",
+    "ann_id",
+    "image_id",
+    "sent_id",
+    "split",
+]
+
+
+@dataclass
+class TrainingSummary:
+    """What a finished run produced."""
+
+    run_name: str
+    steps: int
+    epochs: int
+    model_dir: Path
+    metrics: dict[str, float]
+    mlflow_run_id: str | None
+    registered_version: str | None
+
+
+def plan_steps_per_epoch(config: TrainConfig, train_rows: int) -> int:
+    """Full global batches per epoch (capped by ``optim.max_steps_per_epoch``)."""
+    steps = train_rows // config.optim.global_batch_size
+    if config.optim.max_steps_per_epoch is not None:
+        steps = min(steps, config.optim.max_steps_per_epoch)
+    if steps <= 0:
+        raise ValueError(
+            f"the training split has {train_rows} rows, fewer than one global batch "
+            f"({config.optim.global_batch_size}); lower optim.global_batch_size"
+        )
+    return steps
+
+
+def build_tokenizer(config: TrainConfig, max_tokens: int) -> ExpressionTokenizer:
+    """A local BERT's vocab when one is configured, else WordPiece trained on the training expressions."""
+    if config.model.pretrained_bert:
+        return ExpressionTokenizer.from_vocab_file(config.model.pretrained_bert, max_tokens=max_tokens)
+    table = read_split_table(config.data.path, config.data.train_split, columns=["expression"])
+    return ExpressionTokenizer.train(
+        table.column("expression").to_pylist(), vocab_size=config.model.vocab_size, max_tokens=max_tokens
+    )
+
+
+def run_training(config: TrainConfig) -> TrainingSummary:
+    """Train ``config`` to the end (resuming a run of the same name), then log and register the model."""
+    import vglaw
+
+    _init_ray(config)
+    manifest = read_manifest(config.data.path)
+    for split in (config.data.train_split, config.data.val_split):
+        if split not in manifest["splits"]:
+            raise ValueError(f"split '{split}' is not in {config.data.path}: {sorted(manifest['splits'])}")
+    model_config = vglaw.get_config(config.model.preset, **config.model.overrides)
+    if manifest["image_size"] != model_config.vision.image_size:
+        raise ValueError(
+            f"the data was letterboxed to {manifest['image_size']} px but model '{config.model.preset}' takes "
+            f"{model_config.vision.image_size}; preprocess with --image-size {model_config.vision.image_size}"
+        )
+    steps_per_epoch = plan_steps_per_epoch(config, manifest["splits"][config.data.train_split]["rows"])
+    tokenizer = build_tokenizer(config, model_config.text.max_tokens)
+    print(
+        f"[vglaw-train] {config.run.name}: {config.optim.epochs} epochs x {steps_per_epoch} steps of "
+        f"{config.optim.global_batch_size} on {config.run.num_workers} workers; vocab {tokenizer.vocab_size}",
+        flush=True,
+    )
+
+    tracker = _Tracker(config, manifest) if config.run.mlflow else None
+    train = read_split(config.data.path, config.data.train_split, columns=TRAINING_COLUMNS)
+    # Exactly steps_per_epoch global batches per epoch: every worker reports equally often.
+    train = train.randomize_block_order().limit(steps_per_epoch * config.optim.global_batch_size)
+    val = read_split(config.data.path, config.data.val_split, columns=VALIDATION_COLUMNS)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "vocab": tokenizer._vocab,
+            "max_tokens": tokenizer.max_tokens,
+            "steps_per_epoch": steps_per_epoch,
+            "mlflow_run_id": tracker.run_id if tracker else None,
+            "tracking_uri": tracker.uri if tracker else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.run.num_workers,
+            use_gpu=config.run.use_gpu,
+            resources_per_worker={"CPU": config.run.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=str(config.run.storage_dir),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.run.num_checkpoints_to_keep),
+        ),
+        datasets={"train": train, "val": val},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {config.run.name} finished without a checkpoint")
+    model_dir = config.run.storage_dir / config.run.name / "model"
+    with result.checkpoint.as_directory() as directory:
+        _copy_model_dir(Path(directory), model_dir)
+        state = json.loads((Path(directory) / "train_state.json").read_text())
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    version = tracker.finish(model_dir, metrics) if tracker else None
+    print(f"[vglaw-train] done: step {state['step']}, model in {model_dir}", flush=True)
+    return TrainingSummary(
+        run_name=config.run.name,
+        steps=int(state["step"]),
+        epochs=int(state["epoch"]),
+        model_dir=model_dir,
+        metrics=metrics,
+        mlflow_run_id=tracker.run_id if tracker else None,
+        registered_version=version,
+    )
+
+
+def _init_ray(config: TrainConfig) -> None:
+    """Join ``RAY_ADDRESS`` when set; otherwise start a local instance with room for the data tasks.
+
+    NOTE: the training workers hold their CPUs for the whole run, and Ray Data's read and decode tasks need
+    CPUs too; on a small machine the local instance therefore advertises two logical CPUs beyond the workers'.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    needed = math.ceil(config.run.num_workers * config.run.cpus_per_worker) + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
+
+
+def _copy_model_dir(checkpoint: Path, target: Path) -> None:
+    """Keep the checkpoint's model files (not the optimiser) as the run's model directory, atomically."""
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE):
+        shutil.copy2(checkpoint / name, staging / name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+class _Tracker:
+    """The run's MLflow record, kept by the driver: one run per run name, reused on resume."""
+
+    def __init__(self, config: TrainConfig, manifest: dict[str, Any]) -> None:
+        from pipelines import tracking
+
+        self.config = config
+        self.uri = tracking.configure_mlflow()
+        existing = tracking.find_run(config.run.experiment, config.run.name)
+        self.run_id = existing or tracking.get_or_create_run(config.run.experiment, config.run.name)
+        if existing is None:
+            tracking.log_params(config.to_dict(), run_id=self.run_id)
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+                (Path(tmp) / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+                tracking.client().log_artifact(self.run_id, str(Path(tmp) / "config.json"))
+                tracking.client().log_artifact(self.run_id, str(Path(tmp) / "manifest.json"), artifact_path="data")
+        else:
+            print(f"[vglaw-train] resuming MLflow run {self.run_id} ({config.run.name})", flush=True)
+
+    def finish(self, model_dir: Path, metrics: dict[str, float]) -> str | None:
+        from pipelines import tracking
+
+        name = self.config.run.registered_model_name
+        logged = tracking.log_vglaw_model(model_dir, registered_model_name=name, run_id=self.run_id)
+        score = metrics.get("val/prec@0.5", metrics.get("val/miou"))
+        if name and logged.version is not None and score is not None:
+            tracking.set_alias_if_best(name, logged.version, "val_score", score)
+        tracking.client().set_terminated(self.run_id)
+        return logged.version

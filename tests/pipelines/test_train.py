@@ -1,0 +1,198 @@
+"""Ray Train on the synthetic dataset: it learns, it is tracked in MLflow, it survives a killed worker,
+and it runs through ``ray job submit`` against a real head node."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from pipelines.train_config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small synthetic dataset preprocessed for the tiny preset, and an isolated MLflow store."""
+    root = tmp_path_factory.mktemp("train")
+    env = dict(os.environ, RAY_ADDRESS="")
+    _run([PY, "-m", "jobs.synth", "--out", str(root / "raw"), "--images", "240", "--seed", "3"], env, 120)
+    _run(
+        [PY, "-m", "jobs.preprocess", "--refer-root", str(root / "raw"), "--out", str(root / "data"),
+         "--image-size", "128", "--num-cpus", "2"],
+        env,
+        300,
+    )  # fmt: skip
+    return {"root": root, "data": root / "data", "mlflow": root / "mlflow.db", "runs": root / "runs"}
+
+
+def _env(ws: dict[str, Path]) -> dict[str, str]:
+    return dict(
+        os.environ,
+        RAY_ADDRESS="",
+        MLFLOW_TRACKING_URI=f"sqlite:///{ws['mlflow']}",
+        RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0",
+    )
+
+
+def _train_args(ws: dict[str, Path], name: str, *extra: str) -> list[str]:
+    return [
+        PY, "-m", "jobs.train", "--config", "configs/test.yaml",
+        f"data.path={ws['data']}", f"run.storage_path={ws['runs']}", f"run.name={name}", *extra,
+    ]  # fmt: skip
+
+
+def _client(ws: dict[str, Path]):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{ws['mlflow']}")
+
+
+def _runs_named(ws: dict[str, Path], name: str) -> list:
+    client = _client(ws)
+    experiment = client.get_experiment_by_name(load_config(REPO / "configs/test.yaml").run.experiment)
+    return client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+
+
+def test_two_workers_learn_and_everything_is_tracked(workspace) -> None:
+    _run(_train_args(workspace, "learns"), _env(workspace), 900)
+    (run,) = _runs_named(workspace, "learns")
+    client = _client(workspace)
+    config = load_config(REPO / "configs/test.yaml")
+
+    # Params: the full resolved config.
+    assert run.data.params["optim.global_batch_size"] == str(config.optim.global_batch_size)
+    assert run.data.params["model.preset"] == "tiny" and "run.num_workers" in run.data.params
+
+    # It learns: the loss falls and val Prec@0.5 ends well above its step-0 value.
+    loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    prec = sorted(client.get_metric_history(run.info.run_id, "val/prec_at_0.5"), key=lambda m: m.step)
+    assert len(loss) >= 5 and np.mean(loss[-3:]) < 0.8 * np.mean(loss[:3]), loss
+    assert prec[0].step == 0 and prec[-1].value >= prec[0].value + 0.15, [(m.step, m.value) for m in prec]
+    for key in ("val/miou", "val/oiou", "train/lr/head", "train/images_per_s", "train/giou", "train/dice"):
+        assert client.get_metric_history(run.info.run_id, key), key
+
+    # Artifacts: config, data manifest, an overlay grid per epoch, the model.
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "data", "overlays"} <= paths
+    overlays = client.list_artifacts(run.info.run_id, "overlays")
+    assert len(overlays) == config.optim.epochs
+
+    # Registry: a version with the best alias, loadable as pyfunc, predicting what the Predictor predicts.
+    import mlflow
+
+    from vglaw import Predictor
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace['mlflow']}")
+    version = client.get_model_version_by_alias(config.run.registered_model_name, "best")
+    assert version.run_id == run.info.run_id
+    image = Image.open(next((workspace["root"] / "raw" / "images").glob("*.jpg"))).convert("RGB")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{config.run.registered_model_name}@best")
+    import base64
+    import io
+
+    import pandas as pd
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    frame = pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()], "expression": ["the red circle"]})
+    answer = pyfunc.predict(frame)
+    direct = Predictor.from_pretrained(workspace["runs"] / "learns" / "model").predict(image, "the red circle")
+    np.testing.assert_allclose(np.asarray(answer["box"].iloc[0], dtype=float), direct.box, atol=1e-3)
+
+
+def _descendants_named(pid: int, fragment: str) -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if fragment in " ".join(child.cmdline()) or fragment in child.name():
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_killed_worker_resumes_from_checkpoint(workspace) -> None:
+    name = "killed"
+    args = _train_args(workspace, name, "optim.epochs=2", "run.checkpoint_every_steps=4", "run.overlays=0")
+    log = open(workspace["root"] / "killed.log", "w")  # noqa: SIM115
+    driver = subprocess.Popen(args, cwd=REPO, env=_env(workspace), stdout=log, stderr=subprocess.STDOUT)
+    run_dir = workspace["runs"] / name
+    deadline = time.time() + 400
+    killed = None
+    while time.time() < deadline and driver.poll() is None and killed is None:
+        if any(run_dir.glob("checkpoint_*")):
+            workers = _descendants_named(driver.pid, "RayTrainWorker")
+            if workers:
+                killed = workers[-1]
+                os.kill(killed.pid, signal.SIGKILL)
+        time.sleep(0.5)
+    assert killed is not None, "no checkpoint and training worker to kill appeared"
+    assert driver.wait(timeout=600) == 0, (workspace["root"] / "killed.log").read_text()[-4000:]
+    assert not killed.is_running()
+    text = (workspace["root"] / "killed.log").read_text()
+    config = load_config(REPO / "configs/test.yaml", ["optim.epochs=2"])
+    planned = 2 * _steps_per_epoch(workspace, config)
+    assert f"done: step {planned}," in text, text[-3000:]
+    assert len(_runs_named(workspace, name)) == 1
+
+
+def _steps_per_epoch(ws: dict[str, Path], config) -> int:
+    from pipelines.manifest import read_manifest
+    from pipelines.train import plan_steps_per_epoch
+
+    return plan_steps_per_epoch(config, read_manifest(ws["data"])["splits"]["train"]["rows"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_head_node(workspace) -> None:
+    env = _env(workspace)
+    env.pop("RAY_ADDRESS")
+    gcs, dashboard = _free_port(), _free_port()
+    ray_bin = str(Path(PY).parent / "ray")
+    _run(
+        [ray_bin, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--temp-dir={workspace['root'] / 'ray'}"],
+        env,
+        180,
+    )  # fmt: skip
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}})
+        submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json",
+                  runtime_env, "--", "python", "-m", "jobs.train", "--config", "configs/test.yaml",
+                  f"data.path={workspace['data']}", f"run.storage_path={workspace['runs']}", "run.name=submitted",
+                  "optim.epochs=1", "optim.max_steps_per_epoch=3", "run.overlays=0"]  # fmt: skip
+        first = _run(submit, env, 600)
+        assert "succeeded" in first.stdout.lower() and "done: step 3," in first.stdout
+        # Submitting the same run name again resumes the finished run: no new steps, the same MLflow run.
+        second = _run(submit, env, 600)
+        assert "resuming MLflow run" in second.stdout and "done: step 3," in second.stdout
+        assert len(_runs_named(workspace, "submitted")) == 1
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
