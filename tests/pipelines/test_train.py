@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -172,6 +173,10 @@ def _free_port() -> int:
 def test_ray_job_submit_against_a_head_node(workspace) -> None:
     env = _env(workspace)
     env.pop("RAY_ADDRESS")
+    # The head node requires Ray's token authentication, as a real cluster should (docs/cluster.md).
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    # Job entrypoints run "python" from the head's PATH: make it this environment's.
+    env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env.get('PATH', '')}"
     gcs, dashboard = _free_port(), _free_port()
     ray_bin = str(Path(PY).parent / "ray")
     _run(
