@@ -16,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.eval_stage import EvaluationConfig, ensure_ray, log_evaluation, run_evaluation
+from pipelines.eval_stage import EvaluationConfig, log_evaluation, run_evaluation
+from pipelines.ray_runtime import ensure_ray
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,8 +19,9 @@ from pipelines.eval_report import (
     write_report,
 )
 from pipelines.evaluate import SplitEvaluation, evaluate_splits, read_chunk
+from pipelines.ray_runtime import ensure_ray
 
-__all__ = ["EvaluationConfig", "EvaluationOutputs", "ensure_ray", "log_evaluation", "run_evaluation"]
+__all__ = ["EvaluationConfig", "EvaluationOutputs", "log_evaluation", "run_evaluation"]
 
 
 @dataclass
@@ -86,18 +86,6 @@ class EvaluationOutputs:
     plot_path: Path
     overlay_paths: dict[str, Path]
     evaluations: list[SplitEvaluation]
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Joins ``RAY_ADDRESS`` when set (as under ``ray job submit``), else starts a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
 
 
 def run_evaluation(config: EvaluationConfig, log: Callable[[str], None] = print) -> EvaluationOutputs:

@@ -30,7 +30,6 @@ __all__ = [
     "build_image_tasks",
     "encode_canvas",
     "encode_image_task",
-    "mask_to_canvas",
     "open_rgb_ready",
     "rows_to_table",
 ]
@@ -160,26 +159,6 @@ def open_rgb_ready(path: str | os.PathLike[str]) -> Image.Image:
         return img.copy()
 
 
-def mask_to_canvas(lb: Letterbox, mask: np.ndarray) -> np.ndarray:
-    """Letterboxes a binary mask like :meth:`Letterbox.mask_to_canvas`, with PIL instead of torch.
-
-    Same rule (bilinear with the pixel-centre convention, antialiased when shrinking, threshold 0.5) but
-    about 30x faster on CPU than the torch path for COCO-sized masks, which dominated the per-image cost.
-
-    Args:
-        lb: The image's letterbox.
-        mask: ``[orig_h, orig_w]`` {0, 1} mask.
-
-    Returns:
-        ``[size, size]`` uint8 {0, 1} mask.
-    """
-    src = Image.fromarray(np.asarray(mask, dtype=np.float32), mode="F")
-    resized = np.asarray(src.resize((lb.new_w, lb.new_h), Image.Resampling.BILINEAR))  # [new_h, new_w]
-    canvas = np.zeros((lb.size, lb.size), dtype=np.uint8)
-    canvas[lb.pad_y : lb.pad_y + lb.new_h, lb.pad_x : lb.pad_x + lb.new_w] = resized >= 0.5
-    return canvas
-
-
 def encode_canvas(canvas: Image.Image, image_format: str) -> bytes:
     """Encodes the letterboxed canvas: JPEG at quality 95 without chroma subsampling, or PNG."""
     buf = io.BytesIO()
@@ -228,7 +207,7 @@ def encode_image_task(
         except SegmentationError as err:
             skips.append(task.skip(f"annotation does not decode: {err}", ann_id))
             continue
-        canvas_rle = encode_mask(mask_to_canvas(lb, decode_rle(rle["counts"], rle["size"])))
+        canvas_rle = encode_mask(lb.mask_to_canvas(decode_rle(rle["counts"], rle["size"])))
         box = np.asarray(ann["bbox"], dtype=np.float64)
         per_ann[ann_id] = {
             "category_id": int(ann["category_id"]),

@@ -37,6 +37,7 @@ from pipelines.image_rows import (
     rows_to_table,
 )
 from pipelines.manifest import code_version, file_sha256, parquet_file_rows, write_manifest
+from pipelines.ray_runtime import ensure_ray
 from pipelines.refer import ReferDataset, ReferProblem, ReferSource
 from pipelines.row_schema import COLUMN_DOCS, SCHEMA_VERSION
 
@@ -44,7 +45,6 @@ __all__ = [
     "PreprocessConfig",
     "PreprocessError",
     "StrictModeError",
-    "ensure_ray",
     "format_summary",
     "run_preprocess",
 ]
@@ -106,18 +106,6 @@ class PreprocessConfig:
     def source(self) -> ReferSource:
         """The REFER source this run reads."""
         return ReferSource(self.refer_root, self.dataset, self.split_by, self.image_root)
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Starts or joins Ray: a running cluster when ``RAY_ADDRESS`` is set, else a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # NOTE: resources belong to the cluster; num_cpus would be an error here.
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
 
 
 def _problem_to_skip(problem: ReferProblem) -> Skip:

@@ -11,37 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
-import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.batches import TRAINING_COLUMNS
 from pipelines.dataset_io import read_split, read_split_table
+from pipelines.evaluate import EVAL_COLUMNS
 from pipelines.manifest import read_manifest
+from pipelines.ray_runtime import ensure_ray
 from pipelines.train_config import TrainConfig
 from pipelines.train_loop import train_loop_per_worker
 from vglaw import ExpressionTokenizer
 from vglaw.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from vglaw.tokenizer import VOCAB_FILE
-
-VALIDATION_COLUMNS = [
-    *TRAINING_COLUMNS,
-    "orig_width",
-    "orig_height",
-    "resized_width",
-    "resized_height",
-    "pad_x",
-    "pad_y",
-    "box_xywh",
-    "mask_rle",
-    "mask_size",
-    "ref_id",
-    "ann_id",
-    "image_id",
-    "sent_id",
-    "split",
-]
 
 
 @dataclass
@@ -84,7 +66,9 @@ def run_training(config: TrainConfig) -> TrainingSummary:
     """Train ``config`` to the end (resuming a run of the same name), then log and register the model."""
     import vglaw
 
-    _init_ray(config)
+    # NOTE: the training workers hold their CPUs for the whole run and Ray Data's read and decode tasks need
+    # CPUs too: a local instance advertises two logical CPUs beyond the workers' so the data side can run.
+    ensure_ray(max(os.cpu_count() or 1, math.ceil(config.run.num_workers * config.run.cpus_per_worker) + 2))
     manifest = read_manifest(config.data.path)
     for split in (config.data.train_split, config.data.val_split):
         if split not in manifest["splits"]:
@@ -107,7 +91,7 @@ def run_training(config: TrainConfig) -> TrainingSummary:
     train = read_split(config.data.path, config.data.train_split, columns=TRAINING_COLUMNS)
     # Exactly steps_per_epoch global batches per epoch: every worker reports equally often.
     train = train.randomize_block_order().limit(steps_per_epoch * config.optim.global_batch_size)
-    val = read_split(config.data.path, config.data.val_split, columns=VALIDATION_COLUMNS)
+    val = read_split(config.data.path, config.data.val_split, columns=list(EVAL_COLUMNS))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -151,21 +135,6 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         mlflow_run_id=tracker.run_id if tracker else None,
         registered_version=version,
     )
-
-
-def _init_ray(config: TrainConfig) -> None:
-    """Join ``RAY_ADDRESS`` when set; otherwise start a local instance with room for the data tasks.
-
-    NOTE: the training workers hold their CPUs for the whole run, and Ray Data's read and decode tasks need
-    CPUs too; on a small machine the local instance therefore advertises two logical CPUs beyond the workers'.
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    needed = math.ceil(config.run.num_workers * config.run.cpus_per_worker) + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
 
 
 def _copy_model_dir(checkpoint: Path, target: Path) -> None:

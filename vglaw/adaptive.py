@@ -115,4 +115,12 @@ def materialised_qkv(x: Tensor, weight: Tensor, bias: Tensor | None, update: Low
 def linear_with_update(x: Tensor, layer: nn.Linear, update: LowRankUpdate | None) -> Tensor:
     """``layer(x)`` plus the sample's low-rank update when there is one; ``x`` [B, ..., C_in]."""
     out = F.linear(x, layer.weight, layer.bias)
-    return out if update is None else out + update(x)
+    if update is None:
+        return out
+    if update.dense:
+        return out + update(x)
+    # Accumulate into the static output in place: one [B, N, r] temporary instead of a second [B, N, 3C].
+    batch = x.shape[0]
+    low = torch.bmm(x.reshape(batch, -1, x.shape[-1]), update.down.to(x.dtype))  # [B, N, r]
+    up_t = update.up.to(x.dtype).t().expand(batch, -1, -1)  # [B, r, C_out]
+    return out.view(batch, -1, out.shape[-1]).baddbmm_(low, up_t).view(out.shape)

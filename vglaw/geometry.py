@@ -274,10 +274,12 @@ class Letterbox:
         mask = np.asarray(mask)
         if mask.shape != (self.orig_h, self.orig_w):
             raise ValueError(f"mask has shape {mask.shape}, expected {(self.orig_h, self.orig_w)}")
-        src = torch.from_numpy(mask.astype(np.float32, copy=False))[None, None]  # [1, 1, H, W]
-        resized = _resize(src, self.new_h, self.new_w)[0, 0]  # [new_h, new_w]
+        # PIL's bilinear filter widens its support when shrinking (antialiasing), like F.interpolate with
+        # antialias=True, and is ~30x faster than torch on the CPU for COCO-sized masks.
+        src = Image.fromarray(np.ascontiguousarray(mask, dtype=np.float32), mode="F")
+        resized = np.asarray(src.resize((self.new_w, self.new_h), Image.Resampling.BILINEAR))  # [new_h, new_w]
         canvas = np.zeros((self.size, self.size), dtype=np.float32 if soft else np.uint8)
-        region = resized.clamp(0, 1).numpy() if soft else (resized >= 0.5).numpy().astype(np.uint8)
+        region = np.clip(resized, 0, 1) if soft else (resized >= 0.5).astype(np.uint8)
         canvas[self.pad_y : self.pad_y + self.new_h, self.pad_x : self.pad_x + self.new_w] = region
         return canvas
 
