@@ -65,7 +65,8 @@ def _train_args(ws: dict[str, Path], name: str, *extra: str) -> list[str]:
 def _client(ws: dict[str, Path]):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{ws['mlflow']}")
+    uri = f"sqlite:///{ws['mlflow']}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # never the process-wide default registry
 
 
 def _runs_named(ws: dict[str, Path], name: str) -> list:
@@ -106,6 +107,7 @@ def test_two_workers_learn_and_everything_is_tracked(workspace) -> None:
     from vglaw import Predictor
 
     mlflow.set_tracking_uri(f"sqlite:///{workspace['mlflow']}")
+    mlflow.set_registry_uri(f"sqlite:///{workspace['mlflow']}")
     version = client.get_model_version_by_alias(config.run.registered_model_name, "best")
     assert version.run_id == run.info.run_id
     image = Image.open(next((workspace["root"] / "raw" / "images").glob("*.jpg"))).convert("RGB")
