@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.data import DataContext
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -88,6 +89,8 @@ def run_training(config: TrainConfig) -> TrainingSummary:
     )
 
     tracker = _Tracker(config, manifest) if config.run.mlflow else None
+    # The run prints one progress line per epoch; Ray Data's per-operator bars would bury them.
+    DataContext.get_current().enable_progress_bars = False
     train = read_split(config.data.path, config.data.train_split, columns=TRAINING_COLUMNS)
     # Exactly steps_per_epoch global batches per epoch: every worker reports equally often.
     train = train.randomize_block_order().limit(steps_per_epoch * config.optim.global_batch_size)
