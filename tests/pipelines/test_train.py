@@ -22,7 +22,6 @@ from pipelines.train_config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -75,6 +74,7 @@ def _runs_named(ws: dict[str, Path], name: str) -> list:
     return client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
 
 
+@pytest.mark.slow
 def test_two_workers_learn_and_everything_is_tracked(workspace) -> None:
     _run(_train_args(workspace, "learns"), _env(workspace), 900)
     (run,) = _runs_named(workspace, "learns")
@@ -136,6 +136,7 @@ def _descendants_named(pid: int, fragment: str) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(workspace) -> None:
     name = "killed"
     args = _train_args(workspace, name, "optim.epochs=2", "run.checkpoint_every_steps=4", "run.overlays=0")
@@ -174,6 +175,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ray_job_submit_against_a_head_node(workspace) -> None:
     env = _env(workspace)
     env.pop("RAY_ADDRESS")
@@ -205,3 +207,12 @@ def test_ray_job_submit_against_a_head_node(workspace) -> None:
         assert len(_runs_named(workspace, "submitted")) == 1
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.batch_per_worker * config.run.num_workers == config.optim.global_batch_size
+    if config.model.preset == "base":  # the paper's recipe
+        assert (config.optim.lr_backbone, config.optim.lr_head, config.optim.weight_decay) == (4e-5, 4e-4, 1e-4)
+        assert config.optim.decay_epochs == (10, 60) and config.optim.global_batch_size == 256
