@@ -99,7 +99,7 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         train_loop_per_worker,
         train_loop_config={
             "config": config.to_dict(),
-            "vocab": tokenizer._vocab,
+            "vocab": tokenizer.vocab,
             "max_tokens": tokenizer.max_tokens,
             "steps_per_epoch": steps_per_epoch,
             "mlflow_run_id": tracker.run_id if tracker else None,

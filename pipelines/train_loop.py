@@ -244,8 +244,10 @@ class _RankZeroLogger:
         self.client = None
         self.run_id = run_id
         if self.active and run_id is not None:
+            import mlflow
             from mlflow.tracking import MlflowClient
 
+            mlflow.set_tracking_uri(tracking_uri)  # this worker's process: where pipelines.tracking logs
             self.client = MlflowClient(tracking_uri)
 
     def say(self, line: str) -> None:
@@ -255,14 +257,9 @@ class _RankZeroLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
             return
-        from mlflow.entities import Metric
+        from pipelines.tracking import log_metrics
 
-        from pipelines.tracking import metric_key
-
-        now = int(time.time() * 1000)
-        entries = [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
-        for start in range(0, len(entries), 500):
-            self.client.log_batch(self.run_id, metrics=entries[start : start + 500])
+        log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=step, run_id=self.run_id)
 
     def log_overlays(self, model: VGLAW, tokenizer: ExpressionTokenizer, val_data: Any, count: int, epoch: int) -> None:
         if self.client is None:

@@ -50,6 +50,11 @@ class ExpressionTokenizer:
     def vocab_size(self) -> int:
         return len(self._vocab)
 
+    @property
+    def vocab(self) -> dict[str, int]:
+        """A copy of the token -> id mapping (what :meth:`save` writes and the constructor takes)."""
+        return dict(self._vocab)
+
     @classmethod
     def from_vocab_file(cls, path: str | os.PathLike[str], max_tokens: int = 40) -> ExpressionTokenizer:
         """Load a BERT ``vocab.txt`` (one token per line, id = line number)."""

@@ -12,7 +12,7 @@ from .conftest import EXPRESSIONS
 def test_trained_vocab_round_trips(tmp_path) -> None:
     tokenizer = ExpressionTokenizer.train(EXPRESSIONS, vocab_size=150)
     batch = tokenizer(["The small RED circle", "rightmost"])
-    cls_id = tokenizer._vocab["[CLS]"]
+    cls_id = tokenizer.vocab["[CLS]"]
     assert batch.input_ids[:, 0].tolist() == [cls_id, cls_id]
     assert batch.attention_mask.sum(1).tolist()[1] < batch.attention_mask.sum(1).tolist()[0]
     assert (batch.input_ids[~batch.attention_mask] == tokenizer.pad_id).all()
