@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from vglaw.losses import LossWeights
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -113,6 +115,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossWeights = field(default_factory=LossWeights)  # the paper's weights unless a config says otherwise
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self) -> None:
@@ -131,7 +134,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        sections = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection}
+        sections = {
+            "model": ModelSection,
+            "data": DataSection,
+            "optim": OptimSection,
+            "loss": LossWeights,
+            "run": RunSection,
+        }
         unknown = set(data) - set(sections)
         if unknown:
             raise ValueError(f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")

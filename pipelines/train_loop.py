@@ -59,6 +59,8 @@ def train_step(
         out.mask_logits,
         batch.boxes if out.boxes is not None else None,
         batch.masks.float() if out.mask_logits is not None else None,
+        box_attention=out.box_attention,
+        attention_masks=batch.masks,
     )
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
@@ -102,7 +104,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if config.model.compile:
         ddp_model = torch.compile(ddp_model)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    criterion = GroundingLoss()
+    criterion = GroundingLoss(config.loss)
     logger = _RankZeroLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"), rank)
     rng = np.random.default_rng([config.run.seed, rank, position.epoch, position.batch_in_epoch])
 

@@ -45,10 +45,10 @@ class BoxHead(nn.Module):
             nn.Linear(hidden_dim, 4),
         )
 
-    def forward(self, visual: Tensor, cls: Tensor) -> Tensor:
-        """``visual`` [B, C, h, w], ``cls`` [B, d_l] -> boxes [B, 4]."""
-        pooled, _ = self.pool(visual, cls)
-        return self.mlp(pooled).sigmoid()
+    def forward(self, visual: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
+        """``visual`` [B, C, h, w], ``cls`` [B, d_l] -> boxes [B, 4] and LAP's attention [B, h, w]."""
+        pooled, attn = self.pool(visual, cls)
+        return self.mlp(pooled).sigmoid(), attn
 
 
 class MaskHead(nn.Module):

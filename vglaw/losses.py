@@ -3,6 +3,12 @@
 ``L_total = L_det + L_seg`` with ``L_det = l1 * L1 + giou * GIoU`` and ``L_seg = focal * Focal + dice * Dice``
 (weights 1, 1, 4, 4; focal alpha 0.25, gamma 2). Single-task models drop one branch. Every term is
 computed in float32, whatever the dtype of the predictions, and outside autocast.
+
+One term is not the paper's and is off by default: ``attention`` > 0 adds ``attention * L_att``, the
+cross-entropy between LAP's attention and the referred object's share of each feature-map cell
+(:func:`attention_loss`). The paper starts from a detector-pretrained ViT whose features already separate
+objects; from a random initialisation the box branch otherwise stays at the mean box for thousands of steps,
+because LAP's attention starts uniform and the box loss alone barely moves it (docs/training.md).
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-__all__ = ["GroundingLoss", "LossWeights", "detection_loss", "segmentation_loss"]
+__all__ = ["GroundingLoss", "LossWeights", "attention_loss", "detection_loss", "segmentation_loss"]
 
 
 @dataclass
@@ -28,6 +35,7 @@ class LossWeights:
         dice: Weight of the dice mask loss.
         focal_alpha: Focal-loss weight of positive pixels, in [0, 1].
         focal_gamma: Focal-loss focusing exponent, >= 0.
+        attention: Weight of the LAP attention loss (not in the paper; 0 turns it off).
     """
 
     l1: float = 1.0
@@ -36,9 +44,10 @@ class LossWeights:
     dice: float = 4.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    attention: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("l1", "giou", "focal", "dice", "focal_gamma"):
+        for name in ("l1", "giou", "focal", "dice", "focal_gamma", "attention"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"LossWeights.{name} must be a number, got {value!r}")
@@ -114,6 +123,30 @@ def segmentation_loss(mask_logits: Tensor, target: Tensor, weights: LossWeights 
     return {"focal": focal, "dice": dice, "loss_seg": weights.focal * focal + weights.dice * dice}
 
 
+def attention_loss(attention: Tensor, target_masks: Tensor) -> Tensor:
+    """Cross-entropy from the referred object's spatial distribution to LAP's attention.
+
+    Args:
+        attention: LAP's attention ``[B, h, w]`` (a softmax over the ``h * w`` cells).
+        target_masks: Ground-truth masks ``[B, H, W]`` in {0, 1}, ``H``, ``W`` multiples of ``h``, ``w``.
+
+    Returns:
+        ``-sum_i t_i log a_i`` averaged over samples, where ``t`` is the mask's area in each cell normalised
+        to sum to one; samples with an empty mask contribute nothing. A float32 scalar.
+    """
+    if attention.ndim != 3 or target_masks.ndim != 3 or attention.shape[0] != target_masks.shape[0]:
+        raise ValueError(
+            f"attention_loss: attention {tuple(attention.shape)} and masks {tuple(target_masks.shape)} "
+            "must be [B, h, w] and [B, H, W]"
+        )
+    cells = F.adaptive_avg_pool2d(target_masks.float().unsqueeze(1), attention.shape[-2:]).flatten(1)  # [B, hw]
+    mass = cells.sum(dim=1, keepdim=True)  # [B, 1]
+    target = cells / mass.clamp_min(1e-12)
+    per_sample = -(target * attention.float().flatten(1).clamp_min(1e-12).log()).sum(dim=1)  # [B]
+    present = (mass.squeeze(1) > 0).float()
+    return (per_sample * present).sum() / present.sum().clamp_min(1.0)
+
+
 class GroundingLoss(nn.Module):
     """The multi-task objective ``L_det + L_seg``; either branch may be absent (single-task models).
 
@@ -131,6 +164,8 @@ class GroundingLoss(nn.Module):
         mask_logits: Tensor | None,
         target_boxes: Tensor | None,
         target_masks: Tensor | None,
+        box_attention: Tensor | None = None,
+        attention_masks: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Computes every loss term.
 
@@ -139,10 +174,13 @@ class GroundingLoss(nn.Module):
             mask_logits: Mask logits ``[B, H, W]``, or None without a RES branch.
             target_boxes: Ground-truth boxes ``[B, 4]``; given exactly when ``pred_boxes`` is.
             target_masks: Ground-truth masks ``[B, H, W]``; given exactly when ``mask_logits`` is.
+            box_attention: LAP's attention ``[B, h, w]``; needed when ``weights.attention`` > 0.
+            attention_masks: The masks its target comes from; defaults to ``target_masks``.
 
         Returns:
-            The unweighted terms (``l1``, ``giou``, ``focal``, ``dice``) of the present branches, the
-            weighted ``loss_det`` / ``loss_seg``, and ``loss``, their sum. All float32 scalars.
+            The unweighted terms (``l1``, ``giou``, ``focal``, ``dice``, and ``attention`` when weighted) of
+            the present branches, the weighted ``loss_det`` / ``loss_seg``, and ``loss``, their sum (with
+            ``weights.attention * attention`` added). All float32 scalars.
 
         Raises:
             ValueError: If no branch is present or a prediction lacks its target (or vice versa).
@@ -153,6 +191,10 @@ class GroundingLoss(nn.Module):
             raise ValueError("mask_logits and target_masks must both be given or both be None")
         if pred_boxes is None and mask_logits is None:
             raise ValueError("GroundingLoss needs at least one branch (boxes or masks)")
+        attention_masks = target_masks if attention_masks is None else attention_masks
+        use_attention = self.weights.attention > 0
+        if use_attention and (box_attention is None or attention_masks is None):
+            raise ValueError("the attention loss needs box_attention and masks (target_masks or attention_masks)")
         device = (pred_boxes if pred_boxes is not None else mask_logits).device
         out: dict[str, Tensor] = {}
         # NOTE: losses run in float32 outside autocast; bf16 sigmoid/log lose too much precision here.
@@ -162,4 +204,7 @@ class GroundingLoss(nn.Module):
             if mask_logits is not None:
                 out.update(segmentation_loss(mask_logits, target_masks, self.weights))
             out["loss"] = torch.stack([out[k] for k in ("loss_det", "loss_seg") if k in out]).sum()
+            if use_attention:
+                out["attention"] = attention_loss(box_attention, attention_masks)
+                out["loss"] = out["loss"] + self.weights.attention * out["attention"]
         return out

@@ -21,6 +21,7 @@ class VGLAWOutput:
     boxes: Tensor | None  # [B, 4] (cx, cy, w, h) in [0, 1] of the padded input canvas
     mask_logits: Tensor | None  # [B, S, S] at the input resolution; sigmoid gives the mask probability
     visual_features: Tensor  # [B, C, S/16, S/16]
+    box_attention: Tensor | None = None  # [B, S/16, S/16] LAP's attention over the feature map (sums to 1)
 
 
 class VGLAW(nn.Module):
@@ -90,9 +91,11 @@ class VGLAW(nn.Module):
         text = self.language(input_ids, mask)  # [B, L, d_l]
         cls = text[:, 0]  # F_l^1, [B, d_l]
         features = self.visual(images, self.qkv_updates(text, mask))  # [B, C, h, w]
-        boxes = self.box_head(features, cls) if self.box_head is not None else None
+        boxes = attention = None
+        if self.box_head is not None:
+            boxes, attention = self.box_head(features, cls)
         masks = self.mask_head(features, cls, out_size=tuple(images.shape[-2:])) if self.mask_head is not None else None
-        return VGLAWOutput(boxes=boxes, mask_logits=masks, visual_features=features)
+        return VGLAWOutput(boxes=boxes, mask_logits=masks, visual_features=features, box_attention=attention)
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """The visual and language backbones (the paper trains them at a 10x lower learning rate)."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops import generalized_box_iou
 
-from vglaw.losses import GroundingLoss, LossWeights, detection_loss, segmentation_loss
+from vglaw.losses import GroundingLoss, LossWeights, attention_loss, detection_loss, segmentation_loss
 
 
 def _random_cxcywh(gen: torch.Generator, n: int) -> torch.Tensor:
@@ -43,6 +43,7 @@ def _dice_reference(logits: torch.Tensor, target: torch.Tensor) -> float:
 def test_loss_weights_defaults_follow_the_paper() -> None:
     w = LossWeights()
     assert (w.l1, w.giou, w.focal, w.dice, w.focal_alpha, w.focal_gamma) == (1, 1, 4, 4, 0.25, 2)
+    assert w.attention == 0  # not in the paper: off unless a config turns it on
 
 
 @pytest.mark.parametrize(
@@ -222,3 +223,49 @@ def test_grounding_loss_gradients_flow_to_both_heads() -> None:
     logits.requires_grad_()
     GroundingLoss(LossWeights(l1=1.0, giou=1.0, focal=4.0, dice=4.0))(pred, logits, target, masks)["loss"].backward()
     assert pred.grad.abs().sum() > 0 and logits.grad.abs().sum() > 0
+
+
+def _masks_and_cells() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 8x8 masks over a 4x4 grid: one covering cells (0, 0) and (0, 1) fully, one empty."""
+    masks = torch.zeros(2, 8, 8)
+    masks[0, 0:2, 0:4] = 1
+    cells = torch.zeros(2, 4, 4)
+    cells[0, 0, 0:2] = 0.5
+    return masks, cells
+
+
+def test_attention_loss_is_cross_entropy_to_the_mask_share() -> None:
+    masks, cells = _masks_and_cells()
+    uniform = torch.full((2, 4, 4), 1 / 16)
+    # The empty mask contributes nothing; uniform attention costs log(16).
+    assert attention_loss(uniform, masks).item() == pytest.approx(math.log(16), rel=1e-6)
+    on_target = cells.clone()
+    on_target[1] = 1 / 16
+    assert attention_loss(on_target, masks).item() == pytest.approx(math.log(2), rel=1e-6)
+    logits = torch.randn(2, 16, requires_grad=True)
+    attention_loss(logits.softmax(-1).reshape(2, 4, 4), masks).backward()
+    assert logits.grad is not None and logits.grad[0].abs().sum() > 0 and logits.grad[1].abs().sum() == 0
+
+
+def test_attention_loss_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="attention_loss"):
+        attention_loss(torch.full((2, 16), 1 / 16), torch.zeros(2, 8, 8))
+
+
+def test_grounding_loss_adds_the_weighted_attention_term_only_when_asked() -> None:
+    gen = torch.Generator().manual_seed(3)
+    boxes, target = _random_cxcywh(gen, 2), _random_cxcywh(gen, 2)
+    masks, _ = _masks_and_cells()
+    logits = torch.randn(2, 8, 8, generator=gen)
+    attention = torch.softmax(torch.randn(2, 16, generator=gen), -1).reshape(2, 4, 4)
+    plain = GroundingLoss()(boxes, logits, target, masks, box_attention=attention)
+    assert "attention" not in plain
+    weighted = GroundingLoss(LossWeights(attention=2.0))(boxes, logits, target, masks, box_attention=attention)
+    expected = plain["loss"] + 2.0 * attention_loss(attention, masks)
+    torch.testing.assert_close(weighted["loss"], expected)
+    rec_only = GroundingLoss(LossWeights(attention=1.0))(
+        boxes, None, target, None, box_attention=attention, attention_masks=masks
+    )
+    torch.testing.assert_close(rec_only["loss"], rec_only["loss_det"] + rec_only["attention"])
+    with pytest.raises(ValueError, match="attention loss needs"):
+        GroundingLoss(LossWeights(attention=1.0))(boxes, logits, target, masks)

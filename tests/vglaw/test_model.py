@@ -37,6 +37,9 @@ def test_forward_and_backward(name: str) -> None:
     out = model(images, ids, mask)
     size = model.config.vision.image_size
     assert out.boxes.shape == (4, 4) and ((out.boxes > 0) & (out.boxes < 1)).all()
+    grid = model.config.vision.grid_size
+    assert out.box_attention.shape == (4, grid, grid)
+    torch.testing.assert_close(out.box_attention.sum((1, 2)), torch.ones(4))
     assert out.mask_logits.shape == (4, size, size)
     assert out.visual_features.shape == (4, model.config.vision.embed_dim, size // 16, size // 16)
     (out.boxes.sum() + out.mask_logits.mean()).backward()
