@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
+	# Headless Chromium for the Serve web page's browser test (Debian packages; the test skips without them).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver) || \
+		echo "chromium could not be installed: the Serve page's browser test will be skipped"
 	# torch and torchvision must come from one build; fail here, not in a test, if they do not.
 	$(PY) -c "import torch, torchvision, timm, transformers; torchvision.ops.nms; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
