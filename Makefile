@@ -24,17 +24,10 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # The main job on the built-in default: synthetic data -> Ray Data Parquet -> Ray Train (2 workers) ->
-# evaluation, all tracked in MLflow (mlflow.db). Re-running reuses the data and resumes the finished run.
-DEMO_DATA := data/processed/synthetic_unc_256
-
-demo: $(STAMP) $(DEMO_DATA)/manifest.json
-	$(PY) -m jobs.train --config configs/synthetic.yaml data.path=$(DEMO_DATA)
-	$(PY) -m jobs.evaluate --model runs/vglaw-synthetic/model --data $(DEMO_DATA) --splits val,testA,testB \
-		--out runs/vglaw-synthetic/evaluation.json
-	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
-
-$(DEMO_DATA)/manifest.json: $(STAMP)
-	$(PY) -m jobs.preprocess --out $(DEMO_DATA) --image-size 256
+# evaluation -> MLflow registry -> Ray Serve and one query over HTTP, with a summary at the end (jobs/demo.py).
+# A second run reuses the data and the finished training run.
+demo: $(STAMP)
+	$(PY) -m jobs.demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,259 @@
+"""The whole mission on the built-in default, one stage after another: ``make demo``.
+
+::
+
+    python -m jobs.demo [--keep-serving] [--port 8000]
+
+1. generate the synthetic dataset (REFER layout) into ``data/synthetic``;
+2. preprocess it with Ray Data into ``data/processed/synthetic_unc_128``;
+3. train the demo model with Ray Train (2 workers, ``configs/synthetic.yaml``), tracked and registered in MLflow;
+4. evaluate it on val / testA / testB (Ray Data batch inference) into ``runs/vglaw-synthetic/evaluation.json``;
+5. start the Serve application on the registered model, ground a held-out testB expression over HTTP, print
+   the answer and draw it into ``runs/vglaw-synthetic/demo_query.png``;
+6. print a summary, then stop the server (``--keep-serving`` leaves it running until Ctrl-C).
+
+Every stage is the project's own job, run as a subprocess with its output shown. A second run reuses the
+dataset and the Parquet when their settings match, and resumes the finished training run (nothing to train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+CONFIG = "configs/synthetic.yaml"
+RAW = Path("data/synthetic")
+DATA = Path("data/processed/synthetic_unc_128")
+RUN = Path("runs/vglaw-synthetic")
+MODEL_URI = "models:/vglaw-synthetic@best"
+# The demo's dataset: 2000 images of 2-3 shapes (70 % train); see docs/data.md for the grammar and chance level.
+SYNTH = {"num_images": 2000, "seed": 0, "min_objects": 2, "max_objects": 3}
+IMAGE_SIZE = 128
+
+
+@dataclass
+class Stage:
+    """A named step with its wall time."""
+
+    name: str
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class Demo:
+    stages: list[Stage] = field(default_factory=list)
+    total: int = 6
+
+    def run(self, name: str, args: list[str], note: str = "") -> None:
+        """Runs one job, streaming its output; stops the demo if it fails."""
+        self.banner(name)
+        started = time.perf_counter()
+        code = subprocess.call(args, cwd=REPO, env=_env())
+        if code:
+            raise SystemExit(f"demo: stage '{name}' failed (exit {code}); its output is above")
+        self.stages.append(Stage(name, time.perf_counter() - started, note))
+
+    def banner(self, name: str) -> None:
+        print(f"\n=== [{len(self.stages) + 1}/{self.total}] {name} ===", flush=True)
+
+    def skip(self, name: str, why: str) -> None:
+        self.banner(name)
+        print(f"reusing {why}", flush=True)
+        self.stages.append(Stage(name, 0.0, f"reused ({why})"))
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
+    env.setdefault("RAY_ADDRESS", "")  # a local Ray unless the user points at a cluster
+    return env
+
+
+def _dataset_matches() -> bool:
+    stats = REPO / RAW / "synthetic" / "generator.json"
+    if not stats.is_file():
+        return False
+    config = json.loads(stats.read_text())["config"]
+    return all(config.get(key) == value for key, value in SYNTH.items())
+
+
+def _parquet_matches() -> bool:
+    manifest = REPO / DATA / "manifest.json"
+    if not manifest.is_file():
+        return False
+    written = json.loads(manifest.read_text())
+    source = REPO / RAW / "synthetic" / "instances.json"
+    return written.get("image_size") == IMAGE_SIZE and source.stat().st_mtime < manifest.stat().st_mtime
+
+
+def _held_out_query() -> dict[str, Any]:
+    """The first testB expression with its original image and true box (xyxy)."""
+    from pipelines.dataset_io import read_split_table
+
+    row = read_split_table(REPO / DATA, "testB", columns=["expression", "file_name", "box_xywh"]).slice(0, 1)
+    row = row.to_pylist()[0]
+    x, y, w, h = row["box_xywh"]
+    image = REPO / RAW / "images" / row["file_name"]
+    return {"expression": row["expression"], "image": image, "box": [x, y, x + w, y + h]}
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"demo: the Serve application exited ({server.returncode}); its output is above")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1.0)
+    raise SystemExit(f"demo: {url}/healthz did not answer within {timeout:.0f} s")
+
+
+def _ground(url: str, image: Path, expression: str) -> dict[str, Any]:
+    body = json.dumps({"image": base64.b64encode(image.read_bytes()).decode(), "expression": expression}).encode()
+    request = urllib.request.Request(
+        f"{url}/v1/ground", data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.loads(reply.read())
+
+
+def _draw(query: dict[str, Any], answer: dict[str, Any], path: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from pipelines.eval_report import overlay_grid
+
+    image = Image.open(query["image"]).convert("RGB")
+    mask = None
+    if answer.get("mask"):
+        rle = {"size": answer["mask"]["size"], "counts": answer["mask"]["counts"].encode()}
+        mask = mask_utils.decode(rle).astype(bool)
+    grid = overlay_grid(
+        [np.asarray(image)],
+        pred_boxes=[answer["box"]],
+        true_boxes=[query["box"]],
+        pred_masks=[mask],
+        captions=[f'"{query["expression"]}"  (red: answer, green: truth)'],
+        columns=1,
+        tile_size=512,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def _box_iou(a: list[float], b: list[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=8000, help="port of the Serve application (default 8000)")
+    parser.add_argument("--keep-serving", action="store_true", help="leave the server running until Ctrl-C")
+    args = parser.parse_args(argv)
+    demo, started = Demo(), time.perf_counter()
+
+    if _dataset_matches():
+        demo.skip("synthetic dataset", f"{RAW}")
+    else:
+        demo.run(
+            "synthetic dataset",
+            [PY, "-m", "jobs.synth", "--out", str(RAW), "--images", str(SYNTH["num_images"]),
+             "--seed", str(SYNTH["seed"]), "--min-objects", str(SYNTH["min_objects"]),
+             "--max-objects", str(SYNTH["max_objects"]), "--overwrite"],
+        )  # fmt: skip
+    if _parquet_matches():
+        demo.skip("Ray Data preprocessing", f"{DATA}")
+    else:
+        demo.run(
+            "Ray Data preprocessing",
+            [PY, "-m", "jobs.preprocess", "--refer-root", str(RAW), "--out", str(DATA),
+             "--image-size", str(IMAGE_SIZE), "--overwrite"],
+        )  # fmt: skip
+    demo.run("Ray Train (2 workers), MLflow", [PY, "-m", "jobs.train", "--config", CONFIG, f"data.path={DATA}"])
+    report_path = RUN / "evaluation.json"
+    demo.run(
+        "evaluation (Ray Data batch inference)",
+        [PY, "-m", "jobs.evaluate", "--model", str(RUN / "model"), "--data", str(DATA),
+         "--splits", "val,testA,testB", "--out", str(report_path)],
+    )  # fmt: skip
+
+    demo.banner("Ray Serve: a held-out query over HTTP")
+    serve_started = time.perf_counter()
+    url = f"http://127.0.0.1:{args.port}"
+    server = subprocess.Popen(
+        [PY, "-m", "jobs.serve", "--model", MODEL_URI, "--port", str(args.port)], cwd=REPO, env=_env()
+    )
+    try:
+        _wait_healthy(url, server)
+        query = _held_out_query()
+        answer = _ground(url, query["image"], query["expression"])
+        overlay = _draw(query, answer, REPO / RUN / "demo_query.png")
+        iou = _box_iou(answer["box"], query["box"])
+        shown = {k: answer[k] for k in ("expression", "box", "mask_area", "truncated", "model", "timings")}
+        print(json.dumps(shown, indent=2))
+        print(f"box IoU with the truth: {iou:.3f}; overlay: {overlay.relative_to(REPO)}", flush=True)
+        demo.stages.append(Stage("Ray Serve query", time.perf_counter() - serve_started))
+
+        report = json.loads((REPO / report_path).read_text())
+        _summary(demo, report, time.perf_counter() - started, url, overlay, args.keep_serving)
+        if args.keep_serving:
+            server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    return 0
+
+
+def _summary(demo: Demo, report: dict[str, Any], seconds: float, url: str, overlay: Path, serving: bool) -> None:
+    print("\n=== summary ===")
+    for stage in demo.stages:
+        print(f"  {stage.name:<42} {stage.seconds:7.1f} s  {stage.note}")
+    print(f"  {'total':<42} {seconds:7.1f} s")
+    print("\n  split    expressions  Prec@0.5   mIoU    oIoU")
+    for split, section in report["splits"].items():
+        m = section["metrics"]
+        print(f"  {split:<8} {section['count']:>11}  {m['prec@0.5']:8.3f} {m['miou']:7.3f} {m['oiou']:7.3f}")
+    db = REPO / "mlflow.db"
+    print(
+        f"""
+  dataset       {RAW}/ (REFER layout), Parquet in {DATA}/
+  model         {RUN}/model (registered as {MODEL_URI})
+  evaluation    {RUN}/evaluation.json
+  overlay       {overlay.relative_to(REPO)}
+  MLflow UI     .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}   then http://127.0.0.1:5000
+  web page      .venv/bin/python -m jobs.serve --model {MODEL_URI}   then {url}/"""
+    )
+    print(f"\nServing at {url}/ until Ctrl-C." if serving else "\nThe server is stopped (--keep-serving keeps it).")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""The demo's own logic: what it reuses, and the overlay it draws from a real response's mask."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from jobs import demo
+
+
+def test_box_iou() -> None:
+    assert demo._box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == pytest.approx(1.0)
+    assert demo._box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert demo._box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
+
+
+def test_dataset_is_reused_only_with_the_demo_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo, "REPO", tmp_path)
+    assert not demo._dataset_matches()
+    stats = tmp_path / demo.RAW / "synthetic" / "generator.json"
+    stats.parent.mkdir(parents=True)
+    stats.write_text(json.dumps({"config": {**demo.SYNTH, "image_width": 320}}))
+    assert demo._dataset_matches()
+    stats.write_text(json.dumps({"config": {**demo.SYNTH, "max_objects": 6}}))
+    assert not demo._dataset_matches()
+
+
+def test_overlay_draws_the_answer(tmp_path: Path) -> None:
+    image = tmp_path / "scene.jpg"
+    Image.fromarray(np.full((60, 80, 3), 200, np.uint8)).save(image)
+    mask = np.zeros((60, 80), np.uint8)
+    mask[10:30, 20:50] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    answer = {"box": [20, 10, 50, 30], "mask": {"size": rle["size"], "counts": rle["counts"].decode()}}
+    query = {"image": image, "expression": "the grey square", "box": [18, 8, 52, 32]}
+    out = demo._draw(query, answer, tmp_path / "out" / "query.png")
+    drawn = np.asarray(Image.open(out).convert("RGB"), dtype=int)
+    assert drawn.shape[1] == 512
+    # The predicted mask is tinted red: the middle of the masked area is redder than the background.
+    scale, top = 512 / 80, (512 - 384) // 2  # the 80 x 60 image fills the 512 tile's width, centred vertically
+    inside = drawn[top + int(20 * scale), int(35 * scale)]
+    outside = drawn[top + int(50 * scale), int(10 * scale)]
+    assert inside[0] - inside[1] > 40 and abs(outside[0] - outside[1]) < 10
