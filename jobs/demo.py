@@ -151,7 +151,7 @@ def _draw(query: dict[str, Any], answer: dict[str, Any], path: Path) -> Path:
         pred_boxes=[answer["box"]],
         true_boxes=[query["box"]],
         pred_masks=[mask],
-        captions=[f'"{query["expression"]}"  (red: answer, green: truth)'],
+        captions=[f'"{query["expression"]}"'],  # red: the answer, green: the truth
         columns=1,
         tile_size=512,
     )
