@@ -142,9 +142,11 @@ def test_registered_pyfunc_predicts_like_the_predictor(registered: dict[str, obj
     predictor = vglaw.Predictor.from_pretrained(model_dir)
     for i, png in enumerate(images):
         direct = predictor.predict(Image.open(io.BytesIO(png)).convert("RGB"), frame["expression"][i])
-        np.testing.assert_allclose(out["box"][i], direct.box, rtol=0, atol=1e-6)
+        # NOTE: the pyfunc runs both rows in one batch, the Predictor one at a time; CPU kernels may round
+        # differently by batch size (seen: 3e-6 px), which can also flip a pixel sitting on the threshold.
+        np.testing.assert_allclose(out["box"][i], direct.box, rtol=0, atol=1e-4)
         assert out["mask"][i]["size"] == list(direct.mask.shape)
-        assert out["mask_area"][i] == direct.mask.sum()
+        assert abs(int(out["mask_area"][i]) - int(direct.mask.sum())) <= 0.001 * direct.mask.size
     as_base64 = frame.assign(image=[base64.b64encode(b).decode() for b in images])
     np.testing.assert_allclose(pyfunc.predict(as_base64)["box"][0], out["box"][0])
 
