@@ -143,7 +143,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _stop_on_sigterm(signum: int, frame: Any) -> None:
+def _stop_on_signal(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
@@ -175,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray(args.num_cpus)
     serve.start(http_options={"host": args.host, "port": args.port})
     if not args.detach:
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        # NOTE: SIGINT too: a process started in the background of a non-interactive shell inherits SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt handler of its own.
+        signal.signal(signal.SIGTERM, _stop_on_signal)
+        signal.signal(signal.SIGINT, _stop_on_signal)
     code = 0
     try:
         serve.run(build_app(build_args), name=args.name, route_prefix=args.route_prefix)
