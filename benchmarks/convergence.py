@@ -35,6 +35,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipelines.manifest import read_manifest
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 PLOT = REPO / "docs" / "images" / "convergence.png"
@@ -48,6 +50,7 @@ class Curve:
     """One run's validation curve: per evaluation, the step, minutes since the run started and Prec@0.5."""
 
     name: str
+    run_id: str
     steps: list[int]
     minutes: list[float]
     prec: list[float]
@@ -100,7 +103,7 @@ def blind_copy(data: Path, out: Path) -> Path:
         target = stage / file.relative_to(data)
         target.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table.set_column(column, table.schema.field(column), [blank]), target)
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = read_manifest(data)
     manifest["note"] = f"every expression replaced by {BLIND_EXPRESSION!r} (language-blind baseline)"
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2))
     os.replace(stage, out)
@@ -134,6 +137,7 @@ def read_curve(name: str) -> Curve:
     start = run.info.start_time
     return Curve(
         name=name,
+        run_id=run.info.run_id,
         steps=[m.step for m in prec],
         minutes=[(m.timestamp - start) / 60000 for m in prec],
         prec=[m.value for m in prec],
@@ -226,10 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    import vglaw
     from pipelines.train_config import load_config
 
     config = load_config(REPO / args.config, args.override)
-    image_size = __import__("vglaw").get_config(config.model.preset, **config.model.overrides).vision.image_size
+    image_size = vglaw.get_config(config.model.preset, **config.model.overrides).vision.image_size
     work = (REPO / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, RAY_ADDRESS="", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         _train(f"{stamp}-language-blind", blind, work, args, env)
     curves = [read_curve("language"), read_curve("language-blind")]
     stats = json.loads((work / "raw" / "synthetic" / "generator.json").read_text())
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = read_manifest(data)
     result = {
         "target": args.target,
         "reached": curves[0].first_reaching(args.target),
@@ -273,13 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in result.items()}, indent=2))
     from pipelines.tracking import client
 
-    mlflow = client()
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    (language_run,) = mlflow.search_runs(
-        [experiment.experiment_id], filter_string="attributes.run_name LIKE '%-language'", max_results=1,
-        order_by=["start_time DESC"],
-    )  # fmt: skip
-    mlflow.log_artifact(language_run.info.run_id, str(PLOT), "convergence")
+    client().log_artifact(curves[0].run_id, str(PLOT), "convergence")
     if args.write_docs:
         write_docs(render_section(result, curves))
     return 0 if result["reached"] else 1

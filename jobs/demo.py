@@ -91,10 +91,12 @@ def _dataset_matches() -> bool:
 
 
 def _parquet_matches() -> bool:
+    from pipelines.manifest import read_manifest
+
     manifest = REPO / DATA / "manifest.json"
     if not manifest.is_file():
         return False
-    written = json.loads(manifest.read_text())
+    written = read_manifest(REPO / DATA)
     source = REPO / RAW / "synthetic" / "instances.json"
     return written.get("image_size") == IMAGE_SIZE and source.stat().st_mtime < manifest.stat().st_mtime
 
@@ -161,11 +163,11 @@ def _draw(query: dict[str, Any], answer: dict[str, Any], path: Path) -> Path:
 
 
 def _box_iou(a: list[float], b: list[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    import numpy as np
+
+    from vglaw.metrics import box_iou_paired
+
+    return float(box_iou_paired(np.asarray(a, np.float64), np.asarray(b, np.float64)))
 
 
 def main(argv: list[str] | None = None) -> int:
