@@ -34,17 +34,24 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
 def single_process(source: ReferSource, out: Path, image_size: int, rows_per_file: int) -> int:
-    """The baseline: one Python process, same per-image work, pyarrow writes. Returns images processed."""
+    """The baseline: one Python process, same per-image work, pyarrow writes. Returns images processed.
+
+    It streams like the job does: rows are packed and written every ``rows_per_file`` rows, so that it
+    never holds more than one file's worth (packing a whole split at once measured ~20 % slower).
+    """
     dataset = ReferDataset.load(source)
     tasks = build_image_tasks(dataset)
     for split in dict.fromkeys(t.split for t in tasks):
+        (out / split).mkdir(parents=True)
         rows: list[dict[str, Any]] = []
+        files = 0
         for task in (t for t in tasks if t.split == split):
             rows += encode_image_task(task, source.image_root, image_size)[0]
-        (out / split).mkdir(parents=True)
-        table = rows_to_table(rows)
-        for i, start in enumerate(range(0, table.num_rows, rows_per_file)):
-            pq.write_table(table.slice(start, rows_per_file), out / split / f"part-{i:05d}.parquet")
+            while len(rows) >= rows_per_file:
+                pq.write_table(rows_to_table(rows[:rows_per_file]), out / split / f"part-{files:05d}.parquet")
+                rows, files = rows[rows_per_file:], files + 1
+        if rows:
+            pq.write_table(rows_to_table(rows), out / split / f"part-{files:05d}.parquet")
     return len(tasks)
 
 

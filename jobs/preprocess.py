@@ -57,14 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default data/processed/<dataset>_<split-by>)")
     p.add_argument("--image-size", type=int, default=448, help="side of the letterboxed canvas (default 448)")
-    p.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet file (default 1000)")
+    p.add_argument("--rows-per-file", type=int, default=1000, help="most rows per Parquet file (default 1000)")
     p.add_argument(
         "--image-format",
         default="jpeg",
         choices=["jpeg", "png"],
         help="canvas encoding: jpeg (q95, 4:4:4; default) or png (lossless, ~4x larger)",
     )
-    p.add_argument("--images-per-task", type=int, default=16, help="images per Ray task (default 16)")
+    p.add_argument(
+        "--images-per-task",
+        type=int,
+        default=32,
+        help="images per Ray task, which writes them as one file (default 32)",
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default all)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad item instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out atomically")

@@ -18,13 +18,15 @@ are swapped with :func:`swap_spatial_words` so that the sentence still describes
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Letterbox",
@@ -40,8 +42,18 @@ __all__ = [
     "xyxy_to_xywh",
 ]
 
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
-ImageT = TypeVar("ImageT", Image.Image, torch.Tensor)
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
+ImageT = TypeVar("ImageT", Image.Image, "torch.Tensor")
+
+
+def _is_tensor(x: Any) -> bool:
+    """True for a torch tensor. Never imports torch: if it is not loaded, ``x`` cannot be one.
+
+    NOTE: so that the data pipeline, which only letterboxes PIL images and numpy masks, starts its worker
+    processes without paying for ``import torch``.
+    """
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,7 +63,7 @@ ImageT = TypeVar("ImageT", Image.Image, torch.Tensor)
 
 def _as_float(box: ArrayT) -> ArrayT:
     """Returns ``box`` as a floating array/tensor, checking the trailing dimension."""
-    if isinstance(box, torch.Tensor):
+    if _is_tensor(box):
         out = box if box.is_floating_point() else box.float()
     elif isinstance(box, np.ndarray):
         out = box if np.issubdtype(box.dtype, np.floating) else box.astype(np.float64)
@@ -64,8 +76,8 @@ def _as_float(box: ArrayT) -> ArrayT:
 
 def _stack(parts: list, like: ArrayT) -> ArrayT:
     """Stacks four [...] coordinate arrays into [..., 4] of the same kind as ``like``."""
-    if isinstance(like, torch.Tensor):
-        return torch.stack(parts, dim=-1)
+    if _is_tensor(like):
+        return sys.modules["torch"].stack(parts, dim=-1)
     return np.stack(parts, axis=-1)
 
 
@@ -102,7 +114,7 @@ def _affine(box: ArrayT, scale: tuple[float, float], offset: tuple[float, float]
     box = _as_float(box)
     s = [scale[0], scale[1], scale[0], scale[1]]
     o = [offset[0], offset[1], offset[0], offset[1]]
-    if isinstance(box, torch.Tensor):
+    if _is_tensor(box):
         return box * box.new_tensor(s) + box.new_tensor(o)
     return box * np.asarray(s, dtype=box.dtype) + np.asarray(o, dtype=box.dtype)
 
@@ -110,7 +122,7 @@ def _affine(box: ArrayT, scale: tuple[float, float], offset: tuple[float, float]
 def _clip_xyxy(box: ArrayT, width: float, height: float) -> ArrayT:
     """Clips xyxy boxes to ``[0, width] x [0, height]``."""
     x0, y0, x1, y1 = (box[..., i] for i in range(4))
-    if isinstance(box, torch.Tensor):
+    if _is_tensor(box):
         parts = [x0.clamp(0, width), y0.clamp(0, height), x1.clamp(0, width), y1.clamp(0, height)]
     else:
         parts = [np.clip(x0, 0, width), np.clip(y0, 0, height), np.clip(x1, 0, width), np.clip(y1, 0, height)]
@@ -297,6 +309,8 @@ class Letterbox:
         """
         if tuple(canvas.shape[-2:]) != (self.size, self.size):
             raise ValueError(f"canvas has shape {tuple(canvas.shape)}, expected [..., {self.size}, {self.size}]")
+        import torch
+
         is_numpy = isinstance(canvas, np.ndarray)
         t = torch.from_numpy(np.asarray(canvas, dtype=np.float32)) if is_numpy else canvas
         lead = t.shape[:-2]
@@ -309,6 +323,8 @@ class Letterbox:
 
 def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bilinear resize of ``[N, C, h, w]`` with the pixel-centre convention, antialiased when shrinking."""
+    import torch.nn.functional as F
+
     if tuple(x.shape[-2:]) == (height, width):
         return x.clone()
     shrinking = height < x.shape[-2] or width < x.shape[-1]
@@ -336,8 +352,8 @@ def hflip_image(image: ImageT) -> ImageT:
     """Mirrors a PIL image or a tensor ``[..., H, W]`` left to right."""
     if isinstance(image, Image.Image):
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if isinstance(image, torch.Tensor):
-        return torch.flip(image, dims=(-1,))
+    if _is_tensor(image):
+        return image.flip(-1)
     raise TypeError(f"expected a PIL image or torch tensor, got {type(image).__name__}")
 
 
@@ -357,8 +373,8 @@ def hflip_box_cxcywh_normalized(box: ArrayT) -> ArrayT:
 
 def hflip_mask(mask: ArrayT) -> ArrayT:
     """Mirrors a mask (numpy or torch, ``[..., H, W]``) left to right."""
-    if isinstance(mask, torch.Tensor):
-        return torch.flip(mask, dims=(-1,))
+    if _is_tensor(mask):
+        return mask.flip(-1)
     # NOTE: copy, so the result has positive strides and converts to torch without surprises.
     return np.ascontiguousarray(np.flip(np.asarray(mask), axis=-1))
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import vglaw
 
 FORBIDDEN = ("ray", "mlflow", "torch.distributed")
@@ -36,3 +38,22 @@ def test_importing_vglaw_loads_no_cluster_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing vglaw pulled in: {out}"
+
+
+def test_data_pipeline_modules_do_not_load_torch() -> None:
+    # Preprocessing workers letterbox PIL images and numpy masks only; torch would add seconds to each
+    # worker's start.
+    code = (
+        "import sys, vglaw.geometry, vglaw.safe_pickle, pipelines.preprocess\n"
+        "print(','.join(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"the data pipeline pulled in: {out}"
+
+
+def test_package_names_load_on_first_use() -> None:
+    assert set(vglaw.__all__) <= set(dir(vglaw))
+    for name in vglaw.__all__:
+        assert getattr(vglaw, name).__name__ == name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        vglaw.Nope  # noqa: B018
