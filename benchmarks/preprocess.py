@@ -127,7 +127,7 @@ def _append_docs(r: dict[str, Any]) -> None:
     section = f"""## Preprocessing
 
 `python -m benchmarks.preprocess --images {r["images"]} --num-cpus {r["num_cpus"]} --write-docs`:
-{r["images"]} synthetic {r["source_size"]} JPEGs (4-6 shapes, 3 refs x up to 3 sentences each) -> letterbox
+{r["images"]} synthetic {r["source_size"]} JPEGs (the generator's defaults) -> letterbox
 {r["canvas"]}, JPEG q95 canvas, polygon -> RLE masks (original and canvas), sharded Parquet.
 Machine: {r["machine_cpus"]} CPU cores, no GPU; Python {r["python"]}, Ray {r["ray"]}, local Ray with
 `num_cpus={r["num_cpus"]}` started before timing (start-up {r["ray_init_s"]} s, not counted). 1-minute load
@@ -141,14 +141,13 @@ above ~0.3 means other processes competed for the 2 cores). Best of
 | Ray Data job | {", ".join(map(str, r["ray_s"]))} | {r["ray_images_per_s"]} |
 
 Speed-up {r["speedup"]}x on {r["num_cpus"]} cores, i.e. {r["speedup"] / r["num_cpus"]:.2f} x cores (target >= 0.85).
-The first Ray run, which also starts the worker processes and imports torch in them, reached
-{r["ray_first_run_images_per_s"]} images/s.
+The first Ray run, which also starts the worker processes, reached {r["ray_first_run_images_per_s"]} images/s.
 """
     text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
     start = text.find("## Preprocessing")
     if start >= 0:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     DOCS.parent.mkdir(parents=True, exist_ok=True)
