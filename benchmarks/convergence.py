@@ -110,10 +110,10 @@ def blind_copy(data: Path, out: Path) -> Path:
     return out
 
 
-def _train(name: str, data: Path, work: Path, args: argparse.Namespace, env: dict[str, str]) -> None:
+def _train(name: str, data: Path, work: Path, args: argparse.Namespace, epochs: int, env: dict[str, str]) -> None:
     _run(
         [sys.executable, "-m", "jobs.train", "--config", args.config, f"data.path={data}", f"run.name={name}",
-         f"run.experiment={EXPERIMENT}", f"run.storage_path={work / 'runs'}", f"optim.epochs={args.epochs}",
+         f"run.experiment={EXPERIMENT}", f"run.storage_path={work / 'runs'}", f"optim.epochs={epochs}",
          "run.registered_model_name=null", "run.overlays=0", *args.override],
         env, work / f"{name}.log",
     )  # fmt: skip
@@ -182,7 +182,7 @@ def render_section(result: dict[str, Any], curves: list[Curve]) -> str:
     )
     return f"""{SECTION}
 
-`python -m benchmarks.convergence --epochs {result["epochs"]} --images {result["images"]} --write-docs`: the demo
+`{result["command"]}`: the demo
 configuration (`{result["config"]}`: preset `{result["preset"]}`, {result["image_size"]} px, global batch
 {result["batch"]} on 2 CPU training workers, LAP attention loss weight {result["attention"]}) on the synthetic
 dataset with {result["images"]} images of {result["min_objects"]}-{result["max_objects"]} shapes
@@ -191,8 +191,9 @@ GPU, Python {result["python"]}, torch {result["torch"]}, Ray {result["ray"]}; {r
 average {result["load_before"]} before the runs (other work on the machine slows the runs). Minutes count from the
 MLflow run's start (Ray Train start-up and step-0 validation included).
 
-{verdict} The language-blind run (every expression replaced by "{BLIND_EXPRESSION}") ends at
-{curves[1].prec[-1]:.3f}; a blind model that picks a uniformly random object would score
+{verdict} The language-blind run (every expression replaced by "{BLIND_EXPRESSION}",
+{result["blind_epochs"]} epochs) ends at {curves[1].prec[-1]:.3f}; a blind model that picks a uniformly random
+object would score
 {result["chance"]:.3f} on this dataset (`chance_uniform_object`): not knowing which shape is meant, the
 blind model learns to mask every shape (its mIoU ends at {curves[1].miou[-1]:.3f}, about one over the number
 of shapes) and to put its box between them, which rarely overlaps any one shape by half. Both runs are in
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.convergence", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/synthetic.yaml", help="training config (the demo's)")
     parser.add_argument("--epochs", type=int, default=12, help="epochs of each run")
+    parser.add_argument(
+        "--blind-epochs", type=int, default=None, help="epochs of the language-blind run (default: --epochs)"
+    )
     parser.add_argument("--images", type=int, default=2000, help="synthetic images over all splits")
     parser.add_argument("--min-objects", type=int, default=2, help="fewest shapes per image")
     parser.add_argument("--max-objects", type=int, default=3, help="most shapes per image")
@@ -244,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M")  # a new run name each time: an existing name would resume that run
     if not args.skip_language:
-        _train(f"{stamp}-language", data, work, args, env)
+        _train(f"{stamp}-language", data, work, args, args.epochs, env)
     if not args.skip_blind:
-        _train(f"{stamp}-language-blind", blind, work, args, env)
+        _train(f"{stamp}-language-blind", blind, work, args, args.blind_epochs or args.epochs, env)
     curves = [read_curve("language"), read_curve("language-blind")]
     stats = json.loads((work / "raw" / "synthetic" / "generator.json").read_text())
     manifest = read_manifest(data)
@@ -254,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         "target": args.target,
         "reached": curves[0].first_reaching(args.target),
         "epochs": args.epochs,
+        "blind_epochs": args.blind_epochs or args.epochs,
+        "command": " ".join(["python -m benchmarks.convergence", *(argv if argv is not None else sys.argv[1:])]),
         "images": args.images,
         "min_objects": args.min_objects,
         "max_objects": args.max_objects,

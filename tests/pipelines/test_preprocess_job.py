@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,31 @@ def test_cli_preprocesses_the_synthetic_dataset_end_to_end(ray_local: None, tmp_
     expressions = sum(v for k, v in summary["counts"].items() if k.startswith("expressions/"))
     assert manifest["total_rows"] == expressions
     assert preprocess_main(argv) == 1  # refuses to overwrite
+
+
+def test_a_killed_encoder_worker_loses_and_duplicates_nothing(ray_local: None, tmp_path: Path) -> None:
+    import psutil
+
+    summary = generate_synthetic(tmp_path / "syn", SyntheticConfig(num_images=120, seed=5))
+    config = PreprocessConfig(
+        "synthetic", "unc", tmp_path / "syn", tmp_path / "syn" / "images", tmp_path / "out", images_per_task=4
+    )
+    result: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: result.update(manifest=run_preprocess(config)))
+    job.start()
+    killed = None
+    deadline = time.monotonic() + 60
+    while killed is None and job.is_alive() and time.monotonic() < deadline:
+        for proc in psutil.process_iter(["cmdline"]):
+            if any("MapBatches(_encode_batch)" in part for part in proc.info["cmdline"] or []):
+                proc.kill()  # SIGKILL, mid-task
+                killed = proc.pid
+                break
+        time.sleep(0.02)
+    job.join(timeout=300)
+    assert killed is not None, "no encoder worker was seen running"
+    manifest = result["manifest"]  # the job finished despite the kill
+    expressions = sum(v for k, v in summary["counts"].items() if k.startswith("expressions/"))
+    assert manifest["total_rows"] == expressions and manifest["skipped"] == []
+    keys = [(r["split"], r["sent_id"]) for r in _all_rows(config.out)]
+    assert len(keys) == len(set(keys)) == expressions  # a retried task overwrote its own files
