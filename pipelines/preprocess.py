@@ -174,11 +174,11 @@ def _split_parquet_datasink(root: Path, rows_per_file: int) -> Any:
         # writes its own chunk without sending the encoded images through the object store. (Fused, a row
         # minimum would bundle the encoder's *input*, one row per chunk, into a few huge tasks.)
         def write(self, blocks: Any, ctx: Any) -> dict[str, int]:
-            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-            table = pa.concat_tables([t for t in tables if t.num_rows]) if any(t.num_rows for t in tables) else None
+            tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
             written: dict[str, int] = {}
-            if table is None:
-                return written
+            if not tables:
+                return written  # every image of the chunk was skipped
+            table = pa.concat_tables(tables)
             for split in table["split"].unique().to_pylist():
                 part = table.filter(pc.equal(table["split"], split))
                 for i, start in enumerate(range(0, part.num_rows, rows_per_file)):

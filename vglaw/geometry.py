@@ -286,13 +286,23 @@ class Letterbox:
         mask = np.asarray(mask)
         if mask.shape != (self.orig_h, self.orig_w):
             raise ValueError(f"mask has shape {mask.shape}, expected {(self.orig_h, self.orig_w)}")
+        canvas = np.zeros((self.size, self.size), dtype=np.float32 if soft else np.uint8)
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if rows.size == 0:
+            return canvas
+        # Only the output pixels the object can reach are computed, from only the source pixels their
+        # kernels read: PIL's ``box`` keeps each output pixel's centre and kernel as in the full resize, so
+        # the coverage is the same to float rounding (a pixel at exactly 0.5 may threshold either way), at
+        # a fraction of the cost (COCO objects cover a small part of their image).
+        x0, x1, cx0, cx1 = _reach(cols[0], cols[-1] + 1, self.scale_x, self.new_w, self.orig_w)
+        y0, y1, cy0, cy1 = _reach(rows[0], rows[-1] + 1, self.scale_y, self.new_h, self.orig_h)
         # PIL's bilinear filter widens its support when shrinking (antialiasing), like F.interpolate with
         # antialias=True, and is ~30x faster than torch on the CPU for COCO-sized masks.
-        src = Image.fromarray(np.ascontiguousarray(mask, dtype=np.float32), mode="F")
-        resized = np.asarray(src.resize((self.new_w, self.new_h), Image.Resampling.BILINEAR))  # [new_h, new_w]
-        canvas = np.zeros((self.size, self.size), dtype=np.float32 if soft else np.uint8)
+        src = Image.fromarray(np.ascontiguousarray(mask[cy0:cy1, cx0:cx1], dtype=np.float32), mode="F")
+        box = (x0 / self.scale_x - cx0, y0 / self.scale_y - cy0, x1 / self.scale_x - cx0, y1 / self.scale_y - cy0)
+        resized = np.asarray(src.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=box))
         region = np.clip(resized, 0, 1) if soft else (resized >= 0.5).astype(np.uint8)
-        canvas[self.pad_y : self.pad_y + self.new_h, self.pad_x : self.pad_x + self.new_w] = region
+        canvas[self.pad_y + y0 : self.pad_y + y1, self.pad_x + x0 : self.pad_x + x1] = region
         return canvas
 
     def mask_from_canvas(self, canvas: ArrayT) -> ArrayT:
@@ -319,6 +329,17 @@ class Letterbox:
         x = x if x.is_floating_point() else x.float()
         out = _resize(x, self.orig_h, self.orig_w).reshape(*lead, self.orig_h, self.orig_w)
         return out.numpy() if is_numpy else out
+
+
+def _reach(first: int, stop: int, scale: float, out_len: int, in_len: int) -> tuple[int, int, int, int]:
+    """Along one axis: the output pixels ``[o0, o1)`` that source pixels ``[first, stop)`` can affect under
+    a bilinear resize by ``scale``, and the source pixels ``[i0, i1)`` those outputs' kernels read."""
+    support = max(1.0, 1.0 / scale)  # in source pixels: the bilinear kernel widens when shrinking
+    o0 = max(0, int(np.floor((first - support) * scale)) - 1)
+    o1 = min(out_len, int(np.ceil((stop + support) * scale)) + 1)
+    i0 = max(0, int(np.floor((o0 + 0.5) / scale - support)) - 1)
+    i1 = min(in_len, int(np.ceil((o1 - 0.5) / scale + support)) + 1)
+    return o0, o1, i0, i1
 
 
 def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

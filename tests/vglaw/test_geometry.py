@@ -206,6 +206,32 @@ def test_box_mask_round_trip(w: int, h: int) -> None:
         assert abs(ys.min() - int(y0)) <= 1 and abs(ys.max() + 1 - int(np.ceil(y1))) <= 1
 
 
+@pytest.mark.parametrize("size", [16, 37, 448, 1024])  # shrinking and enlarging
+def test_mask_to_canvas_equals_the_full_image_resize(size: int) -> None:
+    """Resampling only the object's neighbourhood gives the full resize's coverage (to float rounding)."""
+    rng = np.random.default_rng(size)
+    for _ in range(60):
+        w, h = (int(v) for v in rng.integers(3, 700, size=2))
+        lb = Letterbox.fit(w, h, size)
+        mask = np.zeros((h, w), bool)
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))  # boxes touching the far edges included
+        mask[y0 : y0 + int(rng.integers(1, h + 1)), x0 : x0 + int(rng.integers(1, w + 1))] = True
+        mask &= rng.random((h, w)) > 0.2  # ragged edges and holes
+        full = np.asarray(
+            Image.fromarray(mask.astype(np.float32), mode="F").resize((lb.new_w, lb.new_h), Image.Resampling.BILINEAR)
+        )
+        inner = (slice(lb.pad_y, lb.pad_y + lb.new_h), slice(lb.pad_x, lb.pad_x + lb.new_w))
+        soft = lb.mask_to_canvas(mask, soft=True)
+        np.testing.assert_allclose(soft[inner], np.clip(full, 0, 1), atol=1e-4)
+        assert float(soft.sum(dtype=np.float64)) == pytest.approx(
+            float(np.clip(full, 0, 1).sum(dtype=np.float64)), rel=1e-5
+        )
+        binary = lb.mask_to_canvas(mask)
+        flipped = binary[inner] != (full >= 0.5)
+        assert np.all(np.abs(full[flipped] - 0.5) < 1e-4)  # only exact ties may threshold the other way
+    assert not lb.mask_to_canvas(np.zeros((h, w), bool)).any()
+
+
 def test_mask_padding_is_zero_and_canvas_matches_box() -> None:
     lb = Letterbox.fit(200, 100, 400)
     mask = np.zeros((100, 200), bool)
