@@ -192,8 +192,8 @@ average {result["load_before"]} before the runs (other work on the machine slows
 MLflow run's start (Ray Train start-up and step-0 validation included).
 
 {verdict} The language-blind run (every expression replaced by "{BLIND_EXPRESSION}",
-{result["blind_epochs"]} epochs) ends at {curves[1].prec[-1]:.3f}; a blind model that picks a uniformly random
-object would score
+{result["blind_epochs"]} epoch{"s" if result["blind_epochs"] != 1 else ""}) ends at {curves[1].prec[-1]:.3f}; a
+blind model that picks a uniformly random object would score
 {result["chance"]:.3f} on this dataset (`chance_uniform_object`): not knowing which shape is meant, the
 blind model learns to mask every shape (its mIoU ends at {curves[1].miou[-1]:.3f}, about one over the number
 of shapes) and to put its box between them, which rarely overlaps any one shape by half. Both runs are in
