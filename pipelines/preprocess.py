@@ -169,15 +169,14 @@ def _split_parquet_datasink(root: Path, rows_per_file: int) -> Any:
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
 
-    class SplitParquetDatasink(Datasink[dict[str, int]]):
+    class SplitParquetDatasink(Datasink[None]):
         # NOTE: no ``min_rows_per_write``: the sink fuses with the encoder, so that each task encodes and
         # writes its own chunk without sending the encoded images through the object store. (Fused, a row
         # minimum would bundle the encoder's *input*, one row per chunk, into a few huge tasks.)
-        def write(self, blocks: Any, ctx: Any) -> dict[str, int]:
+        def write(self, blocks: Any, ctx: Any) -> None:
             tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
-            written: dict[str, int] = {}
             if not tables:
-                return written  # every image of the chunk was skipped
+                return  # every image of the chunk was skipped
             table = pa.concat_tables(tables)
             for split in table["split"].unique().to_pylist():
                 part = table.filter(pc.equal(table["split"], split))
@@ -185,8 +184,6 @@ def _split_parquet_datasink(root: Path, rows_per_file: int) -> Any:
                     # Named after the task: a retried task overwrites its own files instead of adding copies.
                     name = f"part-{ctx.task_idx:05d}-{i:03d}.parquet"
                     pq.write_table(part.slice(start, rows_per_file), root / split / name)
-                written[split] = part.num_rows
-            return written
 
     return SplitParquetDatasink()
 
