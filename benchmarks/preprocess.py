@@ -6,15 +6,21 @@ calls the very same per-image function (:func:`pipelines.image_rows.encode_image
 pyarrow; the Ray side is :func:`pipelines.preprocess.run_preprocess` end to end (REFER parsing, manifest
 and atomic commit included), on a local Ray started beforehand.
 
+A third path, the same chunks of work spread over ``--num-cpus`` plain processes (``multiprocessing``, no
+Ray), measures what the machine itself gives when that many processes share it: the ceiling any
+framework's speed-up is bounded by on this hardware. The paths run interleaved, ``--repeats`` rounds, so
+a slow spell of a shared machine hits all of them alike.
+
 Usage::
 
-    python -m benchmarks.preprocess [--images 400] [--num-cpus 2] [--repeats 2] [--write-docs]
+    python -m benchmarks.preprocess [--images 2000] [--num-cpus 2] [--repeats 3] [--write-docs]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -25,7 +31,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.image_rows import build_image_tasks, encode_image_task, rows_to_table
+from pipelines.image_rows import ImageTask, build_image_tasks, encode_image_task, rows_to_table
 from pipelines.preprocess import PreprocessConfig, run_preprocess
 from pipelines.refer import ReferDataset, ReferSource
 from pipelines.synthetic import SyntheticConfig, generate_synthetic
@@ -55,71 +61,99 @@ def single_process(source: ReferSource, out: Path, image_size: int, rows_per_fil
     return len(tasks)
 
 
+def _encode_chunk(job: tuple[list[ImageTask], str, int, Path]) -> int:
+    """One chunk of the plain-process path: encode its images and write one Parquet file. Returns images."""
+    tasks, image_root, image_size, path = job
+    rows: list[dict[str, Any]] = []
+    for task in tasks:
+        rows += encode_image_task(task, image_root, image_size)[0]
+    if rows:
+        pq.write_table(rows_to_table(rows), path)
+    return len(tasks)
+
+
+def process_pool(source: ReferSource, out: Path, image_size: int, images_per_task: int, pool: Any) -> int:
+    """The machine's reference: the job's chunks of work on a warm pool of plain processes, no Ray."""
+    tasks = build_image_tasks(ReferDataset.load(source))
+    jobs = []
+    for split in dict.fromkeys(t.split for t in tasks):
+        (out / split).mkdir(parents=True)
+        split_tasks = [t for t in tasks if t.split == split]
+        for start in range(0, len(split_tasks), images_per_task):
+            chunk = split_tasks[start : start + images_per_task]
+            jobs.append((chunk, str(source.image_root), image_size, out / split / f"part-{len(jobs):05d}.parquet"))
+    return sum(pool.map(_encode_chunk, jobs))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs both paths ``--repeats`` times and prints (optionally appends to docs) the best of each."""
+    """Runs the paths interleaved ``--repeats`` times and prints (optionally writes to docs) the best of each."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=400, help="synthetic images to process (default 400)")
+    p.add_argument("--images", type=int, default=2000, help="synthetic images to process (default 2000)")
     p.add_argument("--image-size", default="640x480", help="source image size WxH (default 640x480, COCO-like)")
     p.add_argument("--canvas", type=int, default=448, help="letterbox canvas side (default 448)")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs for the local Ray (default all)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per path; the best is reported (default 2)")
-    p.add_argument("--write-docs", action="store_true", help="append the result to docs/benchmarks.md")
+    p.add_argument("--images-per-task", type=int, default=PreprocessConfig.images_per_task, help="images per Ray task")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of all paths; the best is reported (default 3)")
+    p.add_argument("--write-docs", action="store_true", help="write the result into docs/benchmarks.md")
     args = p.parse_args(argv)
     import ray
 
     w, h = (int(v) for v in args.image_size.lower().split("x"))
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
+    times: dict[str, list[float]] = {"loop": [], "processes": [], "ray": []}
     try:
         generate_synthetic(work / "src", SyntheticConfig(num_images=args.images, image_width=w, image_height=h))
         source = ReferSource(work / "src", "synthetic", "unc", work / "src" / "images")
         n_images = len(build_image_tasks(ReferDataset.load(source)))
-        loop_s = []
-        for i in range(args.repeats):
+        images_per_task = args.images_per_task
+        # NOTE: the pool forks before Ray starts any thread in this process; it is warm before timing, as
+        # Ray's workers are from the second run on.
+        with multiprocessing.get_context("fork").Pool(args.num_cpus) as pool:
+            pool.map(abs, range(args.num_cpus))
             started = time.perf_counter()
-            single_process(source, work / f"loop{i}", args.canvas, 1000)
-            loop_s.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-        init_s = time.perf_counter() - started
-        ray_s = []
-        for i in range(args.repeats):
-            config = PreprocessConfig(
-                "synthetic",
-                "unc",
-                source.refer_root,
-                source.image_root,
-                work / f"ray{i}",
-                image_size=args.canvas,
-            )
-            started = time.perf_counter()
-            run_preprocess(config)
-            ray_s.append(time.perf_counter() - started)
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+            init_s = time.perf_counter() - started
+            for i in range(args.repeats):
+                for path, run in (
+                    ("loop", lambda out: single_process(source, out, args.canvas, 1000)),
+                    ("processes", lambda out: process_pool(source, out, args.canvas, images_per_task, pool)),
+                    ("ray", lambda out: run_preprocess(_ray_config(source, out, args.canvas, images_per_task))),
+                ):
+                    started = time.perf_counter()
+                    run(work / f"{path}{i}")
+                    times[path].append(time.perf_counter() - started)
+                    shutil.rmtree(work / f"{path}{i}")
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {
+    result: dict[str, Any] = {
         "images": n_images,
         "source_size": args.image_size,
         "canvas": args.canvas,
         "num_cpus": args.num_cpus,
         "machine_cpus": os.cpu_count(),
+        "images_per_task": images_per_task,
         "python": platform.python_version(),
         "ray": ray.__version__,
         "load_avg_1min_before": round(load_before, 2),
         "load_avg_1min_after": round(os.getloadavg()[0], 2),
-        "loop_s": [round(s, 2) for s in loop_s],
-        "ray_s": [round(s, 2) for s in ray_s],
         "ray_init_s": round(init_s, 2),
-        "loop_images_per_s": round(n_images / min(loop_s), 1),
-        "ray_images_per_s": round(n_images / min(ray_s), 1),
-        "ray_first_run_images_per_s": round(n_images / ray_s[0], 1),
+        **{f"{path}_s": [round(t, 2) for t in ts] for path, ts in times.items()},
+        **{f"{path}_images_per_s": round(n_images / min(ts), 1) for path, ts in times.items()},
+        "ray_first_run_images_per_s": round(n_images / times["ray"][0], 1),
     }
     result["speedup"] = round(result["ray_images_per_s"] / result["loop_images_per_s"], 2)
+    result["processes_speedup"] = round(result["processes_images_per_s"] / result["loop_images_per_s"], 2)
     print(json.dumps(result, indent=2))
     if args.write_docs:
         _append_docs(result)
     return 0
+
+
+def _ray_config(source: ReferSource, out: Path, canvas: int, images_per_task: int) -> PreprocessConfig:
+    root, images = source.refer_root, source.image_root
+    return PreprocessConfig("synthetic", "unc", root, images, out, image_size=canvas, images_per_task=images_per_task)
 
 
 def _append_docs(r: dict[str, Any]) -> None:

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--images-per-task",
         type=int,
-        default=32,
-        help="images per Ray task, which writes them as one file (default 32)",
+        default=PreprocessConfig.images_per_task,
+        help=f"images per Ray task, which writes them as one file (default {PreprocessConfig.images_per_task})",
     )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default all)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad item instead of skipping it")

@@ -91,7 +91,7 @@ class ImageTask:
 
     def to_json(self) -> str:
         """Serialises the task (Ray Data carries it as one string column)."""
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(vars(self), ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> ImageTask:
@@ -149,14 +149,18 @@ def open_rgb_ready(path: str | os.PathLike[str]) -> Image.Image:
     Raises:
         OSError: If the file is missing, truncated or not an image.
     """
-    with Image.open(path) as img:
-        img.load()  # NOTE: forces a full decode, so a truncated file fails here, not later.
-        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            # PIL's convert("RGB") clips 16-bit values at 255; scale them instead.
-            arr = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-            return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-        return img.copy()
+    with open(path, "rb") as f:
+        data = f.read()
+    # Decoding from memory leaves no file to close, so the decoded image is returned as it is (closing a
+    # file-backed PIL image frees its pixels, which would cost a copy of every image here).
+    img = Image.open(io.BytesIO(data))
+    img.load()  # NOTE: forces a full decode, so a truncated file fails here, not later.
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's convert("RGB") clips 16-bit values at 255; scale them instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return img
 
 
 def encode_canvas(canvas: Image.Image, image_format: str) -> bytes:

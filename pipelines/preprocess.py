@@ -8,13 +8,14 @@ Shape of the job::
     driver: collect skips, check the accounting, write manifest.json, swap <stage> into <out>
 
 Everything goes into a hidden staging folder beside ``out`` first; only a complete output (manifest
-included) is renamed into place, so a reader never sees a half-written mix. Skipped items are gathered by
-a small actor while the data streams, and the driver checks that for every split
+included) is renamed into place, so a reader never sees a half-written mix. Each encoder task writes what it skipped
+beside its Parquet files (``<stage>/_skips/``), and the driver checks that for every split
 ``rows written + expressions skipped == expressions expected``: nothing vanishes silently.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -86,7 +87,7 @@ class PreprocessConfig:
     image_size: int = 448
     rows_per_file: int = 1000
     image_format: str = "jpeg"
-    images_per_task: int = 32
+    images_per_task: int = 64
     strict: bool = False
     overwrite: bool = False
 
@@ -122,46 +123,39 @@ def _problem_to_skip(problem: ReferProblem) -> Skip:
     )
 
 
-def _make_skip_log() -> Any:
-    """A zero-CPU actor that gathers skips from the workers, deduplicating retried tasks."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class SkipLog:
-        def __init__(self) -> None:
-            self._items: dict[tuple[Any, ...], dict[str, Any]] = {}
-
-        def add(self, items: list[dict[str, Any]]) -> None:
-            for item in items:
-                self._items[(item["split"], item["image_id"], item["ann_id"], item["reason"])] = item
-
-        def items(self) -> list[dict[str, Any]]:
-            return list(self._items.values())
-
-    return SkipLog.remote()
+SKIPS_DIR = "_skips"  # inside the staging folder: one JSON file per chunk that skipped anything
 
 
 def _encode_batch(
-    batch: dict[str, np.ndarray], image_root: str, image_size: int, image_format: str, strict: bool, log: Any
+    batch: dict[str, np.ndarray], image_root: str, image_size: int, image_format: str, strict: bool, skip_dir: str
 ) -> pa.Table:
-    """Ray Data UDF: chunks of serialised :class:`ImageTask` s -> a table of rows."""
-    import ray
+    """Ray Data UDF: chunks of serialised :class:`ImageTask` s -> a table of rows.
 
+    Skips go to ``skip_dir/chunk-<n>.json``, named after the chunk: a retried task rewrites its own file, so
+    nothing is counted twice, and no extra process is needed to gather them.
+    """
     rows: list[dict[str, Any]] = []
-    skips: list[Skip] = []
-    for chunk in batch["tasks"]:
+    for chunk_id, chunk in zip(batch["chunk"], batch["tasks"], strict=True):
+        skips: list[Skip] = []
         for text in chunk:
             task_rows, task_skips = encode_image_task(
                 ImageTask.from_json(str(text)), image_root, image_size, image_format
             )
             rows += task_rows
             skips += task_skips
-    if skips and strict:
-        first = skips[0]
-        raise StrictModeError(f"strict mode: image {first.image_id} ({first.file_name}): {first.reason}")
-    if skips:
-        ray.get(log.add.remote([s.to_dict() for s in skips]))
+        if skips and strict:
+            first = skips[0]
+            raise StrictModeError(f"strict mode: image {first.image_id} ({first.file_name}): {first.reason}")
+        if skips:
+            path = Path(skip_dir) / f"chunk-{int(chunk_id):06d}.json"
+            path.with_suffix(".tmp").write_text(json.dumps([s.to_dict() for s in skips]), encoding="utf-8")
+            os.replace(path.with_suffix(".tmp"), path)
     return rows_to_table(rows)
+
+
+def _read_skips(skip_dir: Path) -> list[dict[str, Any]]:
+    """The skips the encoder wrote, in chunk order."""
+    return [s for path in sorted(skip_dir.glob("chunk-*.json")) for s in json.loads(path.read_text("utf-8"))]
 
 
 def _split_parquet_datasink(root: Path, rows_per_file: int) -> Any:
@@ -178,8 +172,10 @@ def _split_parquet_datasink(root: Path, rows_per_file: int) -> Any:
             if not tables:
                 return  # every image of the chunk was skipped
             table = pa.concat_tables(tables)
-            for split in table["split"].unique().to_pylist():
-                part = table.filter(pc.equal(table["split"], split))
+            splits = table["split"].unique().to_pylist()
+            for split in splits:
+                # A chunk holds one split, so the filter (a copy of every image's bytes) is rarely needed.
+                part = table if len(splits) == 1 else table.filter(pc.equal(table["split"], split))
                 for i, start in enumerate(range(0, part.num_rows, rows_per_file)):
                     # Named after the task: a retried task overwrites its own files instead of adding copies.
                     name = f"part-{ctx.task_idx:05d}-{i:03d}.parquet"
@@ -188,7 +184,7 @@ def _split_parquet_datasink(root: Path, rows_per_file: int) -> Any:
     return SplitParquetDatasink()
 
 
-def _write_splits(config: PreprocessConfig, tasks: list[ImageTask], stage: Path, log: Any) -> None:
+def _write_splits(config: PreprocessConfig, tasks: list[ImageTask], stage: Path) -> None:
     """Encodes every split's image tasks in one Ray Data execution and writes them into ``stage/<split>/``."""
     import ray
 
@@ -196,9 +192,11 @@ def _write_splits(config: PreprocessConfig, tasks: list[ImageTask], stage: Path,
     for split in dict.fromkeys(t.split for t in tasks):
         split_tasks = [t.to_json() for t in tasks if t.split == split]
         for start in range(0, len(split_tasks), config.images_per_task):
-            chunks.append({"tasks": split_tasks[start : start + config.images_per_task]})
+            chunks.append({"chunk": len(chunks), "tasks": split_tasks[start : start + config.images_per_task]})
     if not chunks:
         return
+    # Largest first: each split's short remainder runs last, so the workers finish together.
+    chunks.sort(key=lambda c: -len(c["tasks"]))
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     ds = ds.map_batches(
         _encode_batch,
@@ -209,7 +207,7 @@ def _write_splits(config: PreprocessConfig, tasks: list[ImageTask], stage: Path,
             "image_size": config.image_size,
             "image_format": config.image_format,
             "strict": config.strict,
-            "log": log,
+            "skip_dir": str(stage / SKIPS_DIR),
         },
     )
     # NOTE: Ray Data's reservation allocator sets a share of the CPUs aside for each operator up front; on a
@@ -240,8 +238,6 @@ def run_preprocess(config: PreprocessConfig, num_cpus: int | None = None) -> dic
         StrictModeError: In strict mode, on the first item that would be skipped.
         PreprocessError: If the job fails or its row accounting does not add up.
     """
-    import ray
-
     out = config.out.absolute()
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite (--overwrite) to replace it")
@@ -261,12 +257,12 @@ def run_preprocess(config: PreprocessConfig, num_cpus: int | None = None) -> dic
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
-    log = _make_skip_log()
     try:
-        for split in splits:
+        for split in [*splits, SKIPS_DIR]:
             (stage / split).mkdir()
-        _write_splits(config, tasks, stage, log)
-        skips = [s.to_dict() for s in reader_skips] + ray.get(log.items.remote())
+        _write_splits(config, tasks, stage)
+        skips = [s.to_dict() for s in reader_skips] + _read_skips(stage / SKIPS_DIR)
+        shutil.rmtree(stage / SKIPS_DIR)
         manifest = _build_manifest(config, dataset, tasks, splits, expected, skips, stage, started)
         write_manifest(stage, manifest)
         _commit(stage, out)
@@ -279,7 +275,6 @@ def run_preprocess(config: PreprocessConfig, num_cpus: int | None = None) -> dic
         raise PreprocessError(f"preprocessing {source.dataset}({source.split_by}) failed: {err}") from err
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        ray.kill(log)
     return manifest
 
 

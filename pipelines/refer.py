@@ -17,6 +17,7 @@ appends the annotation id. The image file is ``instances.json``'s ``images[].fil
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -170,6 +171,16 @@ def resolve_image_path(image_root: str | os.PathLike[str], file_name: str) -> Pa
     return Path(image_root).joinpath(*posix.parts)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _unsafe_name(file_name: str) -> str | None:
+    """Why an image file name is unsafe, or None; cached, since many refs share an image."""
+    try:
+        resolve_image_path(".", file_name)
+    except UnsafeImagePathError as err:
+        return str(err)
+    return None
+
+
 def _text(value: Any) -> str | None:
     """Returns sentence text as proper unicode.
 
@@ -292,10 +303,9 @@ def _convert_ref(
     if image is None:
         refuse(f"image_id {image_id} is not in instances.json")
         return
-    try:
-        resolve_image_path(source.image_root, image.file_name)
-    except UnsafeImagePathError as err:
-        refuse(str(err), image.file_name)
+    unsafe = _unsafe_name(image.file_name)
+    if unsafe is not None:
+        refuse(unsafe, image.file_name)
         return
     ann = annotations.get(ann_id)
     if ann is None:

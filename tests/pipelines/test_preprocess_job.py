@@ -179,6 +179,8 @@ def test_a_killed_encoder_worker_loses_and_duplicates_nothing(ray_local: None, t
     import psutil
 
     summary = generate_synthetic(tmp_path / "syn", SyntheticConfig(num_images=120, seed=5))
+    corrupt = "synthetic_000007.jpg"  # one skip, which a retried task must neither lose nor repeat
+    (tmp_path / "syn" / "images" / corrupt).write_bytes(b"\xff\xd8 not a jpeg")
     config = PreprocessConfig(
         "synthetic", "unc", tmp_path / "syn", tmp_path / "syn" / "images", tmp_path / "out", images_per_task=4
     )
@@ -198,6 +200,25 @@ def test_a_killed_encoder_worker_loses_and_duplicates_nothing(ray_local: None, t
     assert killed is not None, "no encoder worker was seen running"
     manifest = result["manifest"]  # the job finished despite the kill
     expressions = sum(v for k, v in summary["counts"].items() if k.startswith("expressions/"))
-    assert manifest["total_rows"] == expressions and manifest["skipped"] == []
+    [skip] = manifest["skipped"]
+    assert skip["file_name"] == corrupt and skip["ann_id"] is None and "does not decode" in skip["reason"]
+    assert manifest["total_rows"] == expressions - skip["expressions_lost"] > 0
     keys = [(r["split"], r["sent_id"]) for r in _all_rows(config.out)]
-    assert len(keys) == len(set(keys)) == expressions  # a retried task overwrote its own files
+    assert len(keys) == len(set(keys)) == manifest["total_rows"]  # a retried task overwrote its own files
+
+
+def test_a_retried_chunk_rewrites_its_skips_rather_than_repeating(quirky_refer: QuirkyRefer, tmp_path: Path) -> None:
+    from pipelines.image_rows import build_image_tasks
+    from pipelines.preprocess import _encode_batch, _read_skips
+    from pipelines.refer import ReferDataset
+
+    config = _config(quirky_refer, tmp_path / "out")
+    tasks = build_image_tasks(ReferDataset.load(config.source))
+    batch = {"chunk": np.array([7]), "tasks": np.array([[t.to_json() for t in tasks]], dtype=object)}
+    kwargs = dict(image_root=str(quirky_refer.image_root), image_size=64, image_format="jpeg", strict=False)
+    first = _encode_batch(batch, **kwargs, skip_dir=str(tmp_path))
+    again = _encode_batch(batch, **kwargs, skip_dir=str(tmp_path))  # as Ray does after a lost worker
+    assert first.equals(again) and first.num_rows > 0
+    assert [p.name for p in tmp_path.glob("chunk-*")] == ["chunk-000007.json"]
+    skips = _read_skips(tmp_path)
+    assert skips and len({json.dumps(s, sort_keys=True) for s in skips}) == len(skips)
