@@ -55,6 +55,7 @@ class Curve:
     minutes: list[float]
     prec: list[float]
     miou: list[float]
+    epochs: int
 
     def first_reaching(self, target: float) -> tuple[int, float] | None:
         """(step, minutes) of the first evaluation at or above ``target``."""
@@ -142,6 +143,7 @@ def read_curve(name: str) -> Curve:
         minutes=[(m.timestamp - start) / 60000 for m in prec],
         prec=[m.value for m in prec],
         miou=[miou.get(m.step, float("nan")) for m in prec],
+        epochs=int(run.data.params["optim.epochs"]),
     )
 
 
@@ -257,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "target": args.target,
         "reached": curves[0].first_reaching(args.target),
-        "epochs": args.epochs,
-        "blind_epochs": args.blind_epochs or args.epochs,
+        # From the runs themselves: with --skip-* a run comes from an earlier invocation.
+        "epochs": curves[0].epochs,
+        "blind_epochs": curves[1].epochs,
         "command": " ".join(["python -m benchmarks.convergence", *(argv if argv is not None else sys.argv[1:])]),
         "images": args.images,
         "min_objects": args.min_objects,
