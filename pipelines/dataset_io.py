@@ -53,20 +53,24 @@ def split_files(out_dir: str | os.PathLike[str], split: str) -> list[Path]:
     return [Path(out_dir) / split / name for name in sorted(manifest["splits"][split]["files"])]
 
 
-def read_split(out_dir: str | os.PathLike[str], split: str, **read_kwargs: Any) -> ray.data.Dataset:
+def read_split(
+    out_dir: str | os.PathLike[str], split: str, columns: Sequence[str] | None = None, **read_kwargs: Any
+) -> ray.data.Dataset:
     """A Ray Dataset over one split (one row per expression, columns of the row schema).
 
     Args:
         out_dir: Output folder of the preprocessing job.
         split: ``train``, ``val``, ``testA``, ...
-        **read_kwargs: Passed to ``ray.data.read_parquet`` (``columns=``, ``override_num_blocks=``, ...).
+        columns: Only these columns (Ray Data pushes the projection down into the Parquet reads).
+        **read_kwargs: Passed to ``ray.data.read_parquet`` (``override_num_blocks=``, ...).
     """
     import ray.data
 
     files = [str(p) for p in split_files(out_dir, split)]
     if not files:
-        return ray.data.from_arrow(read_split_table(out_dir, split))
-    return ray.data.read_parquet(files, **read_kwargs)
+        return ray.data.from_arrow(read_split_table(out_dir, split, columns))
+    ds = ray.data.read_parquet(files, **read_kwargs)
+    return ds if columns is None else ds.select_columns(list(columns))
 
 
 def read_split_table(out_dir: str | os.PathLike[str], split: str, columns: Sequence[str] | None = None) -> pa.Table:
