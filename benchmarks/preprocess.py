@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.image_rows import ImageTask, build_image_tasks, encode_image_task, rows_to_table
+from pipelines.image_rows import ImageTask, build_image_tasks, chunk_by_split, encode_image_task, rows_to_table
 from pipelines.preprocess import PreprocessConfig, run_preprocess
 from pipelines.refer import ReferDataset, ReferSource
 from pipelines.synthetic import SyntheticConfig, generate_synthetic
@@ -76,13 +76,12 @@ def _encode_chunk(job: tuple[list[ImageTask], str, int, Path]) -> int:
 def process_pool(source: ReferSource, out: Path, image_size: int, images_per_task: int, pool: Any) -> int:
     """The machine's reference: the job's chunks of work on a warm pool of plain processes, no Ray."""
     tasks = build_image_tasks(ReferDataset.load(source))
-    jobs = []
     for split in dict.fromkeys(t.split for t in tasks):
         (out / split).mkdir(parents=True)
-        split_tasks = [t for t in tasks if t.split == split]
-        for start in range(0, len(split_tasks), images_per_task):
-            chunk = split_tasks[start : start + images_per_task]
-            jobs.append((chunk, str(source.image_root), image_size, out / split / f"part-{len(jobs):05d}.parquet"))
+    jobs = [
+        (chunk, str(source.image_root), image_size, out / chunk[0].split / f"part-{i:05d}.parquet")
+        for i, chunk in enumerate(chunk_by_split(tasks, images_per_task))
+    ]
     return sum(pool.map(_encode_chunk, jobs))
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "ImageTask",
     "Skip",
     "build_image_tasks",
+    "chunk_by_split",
     "encode_canvas",
     "encode_image_task",
     "open_rgb_ready",
@@ -138,6 +139,16 @@ def build_image_tasks(expressions: Iterable[ReferExpression]) -> list[ImageTask]
         )
         task.expressions.append((e.ref_id, e.ann_id, e.sent_id, e.expression))
     return list(tasks.values())
+
+
+def chunk_by_split(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
+    """Chunks of at most ``size`` tasks, each of one split, largest first (so that each split's short
+    remainder is scheduled last and parallel workers finish together)."""
+    chunks = []
+    for split in dict.fromkeys(t.split for t in tasks):
+        split_tasks = [t for t in tasks if t.split == split]
+        chunks += [split_tasks[start : start + size] for start in range(0, len(split_tasks), size)]
+    return sorted(chunks, key=len, reverse=True)
 
 
 def open_rgb_ready(path: str | os.PathLike[str]) -> Image.Image:

@@ -8,8 +8,8 @@ Shape of the job::
     driver: collect skips, check the accounting, write manifest.json, swap <stage> into <out>
 
 Everything goes into a hidden staging folder beside ``out`` first; only a complete output (manifest
-included) is renamed into place, so a reader never sees a half-written mix. Each encoder task writes what it skipped
-beside its Parquet files (``<stage>/_skips/``), and the driver checks that for every split
+included) is renamed into place, so a reader never sees a half-written mix. Each encoder task writes what
+it skipped beside its Parquet files (``<stage>/_skips/``), and the driver checks that for every split
 ``rows written + expressions skipped == expressions expected``: nothing vanishes silently.
 """
 
@@ -35,6 +35,7 @@ from pipelines.image_rows import (
     ImageTask,
     Skip,
     build_image_tasks,
+    chunk_by_split,
     encode_image_task,
     rows_to_table,
 )
@@ -148,8 +149,9 @@ def _encode_batch(
             raise StrictModeError(f"strict mode: image {first.image_id} ({first.file_name}): {first.reason}")
         if skips:
             path = Path(skip_dir) / f"chunk-{int(chunk_id):06d}.json"
-            path.with_suffix(".tmp").write_text(json.dumps([s.to_dict() for s in skips]), encoding="utf-8")
-            os.replace(path.with_suffix(".tmp"), path)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps([s.to_dict() for s in skips]), encoding="utf-8")
+            os.replace(tmp, path)
     return rows_to_table(rows)
 
 
@@ -188,15 +190,12 @@ def _write_splits(config: PreprocessConfig, tasks: list[ImageTask], stage: Path)
     """Encodes every split's image tasks in one Ray Data execution and writes them into ``stage/<split>/``."""
     import ray
 
-    chunks: list[dict[str, Any]] = []
-    for split in dict.fromkeys(t.split for t in tasks):
-        split_tasks = [t.to_json() for t in tasks if t.split == split]
-        for start in range(0, len(split_tasks), config.images_per_task):
-            chunks.append({"chunk": len(chunks), "tasks": split_tasks[start : start + config.images_per_task]})
+    chunks = [
+        {"chunk": i, "tasks": [t.to_json() for t in chunk]}
+        for i, chunk in enumerate(chunk_by_split(tasks, config.images_per_task))
+    ]
     if not chunks:
         return
-    # Largest first: each split's short remainder runs last, so the workers finish together.
-    chunks.sort(key=lambda c: -len(c["tasks"]))
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     ds = ds.map_batches(
         _encode_batch,
