@@ -15,7 +15,7 @@ from pipelines.dataset_io import decode_image
 from vglaw.geometry import swap_spatial_words
 from vglaw.tokenizer import ExpressionTokenizer
 
-TRAINING_COLUMNS = ["expression", "image", "canvas_size", "box_cxcywh_norm", "mask_canvas_rle"]
+TRAINING_COLUMNS = ["expression", "image", "canvas_size", "box_cxcywh_norm", "mask_canvas_rle", "category_id"]
 
 
 @dataclass
@@ -27,6 +27,7 @@ class TrainingBatch:
     attention_mask: Tensor  # [B, L] bool
     boxes: Tensor  # [B, 4] float32, normalised (cx, cy, w, h) on the canvas
     masks: Tensor  # [B, S, S] uint8 {0, 1} on the canvas
+    categories: Tensor  # [B] int64, the referred objects' category ids
     expressions: list[str]
 
     def __len__(self) -> int:
@@ -40,6 +41,7 @@ class TrainingBatch:
             move(self.attention_mask),
             move(self.boxes),
             move(self.masks),
+            move(self.categories),
             self.expressions,
         )
 
@@ -77,5 +79,6 @@ def collate_rows(
         attention_mask=tokens.attention_mask,
         boxes=torch.from_numpy(boxes),
         masks=torch.from_numpy(masks),
+        categories=torch.as_tensor(np.asarray(batch["category_id"], dtype=np.int64)),
         expressions=expressions,
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 from ray.data import DataContext
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -63,10 +64,20 @@ def build_tokenizer(config: TrainConfig, max_tokens: int) -> ExpressionTokenizer
     )
 
 
+def _check_categories(config: TrainConfig, categories: int) -> None:
+    """Every training row's category id must be a class of the model's category classifier."""
+    ids = read_split_table(config.data.path, config.data.train_split, columns=["category_id"]).column("category_id")
+    low, high = pc.min_max(ids).values()
+    if len(ids) and (low.as_py() < 0 or high.as_py() >= categories):
+        raise ValueError(
+            f"category ids in {config.data.path} run from {low.as_py()} to {high.as_py()}, but the model's "
+            f"category classifier has {categories} classes; set model.overrides.categories to at least "
+            f"{high.as_py() + 1}"
+        )
+
+
 def run_training(config: TrainConfig) -> TrainingSummary:
     """Train ``config`` to the end (resuming a run of the same name), then log and register the model."""
-    import vglaw
-
     # NOTE: the training workers hold their CPUs for the whole run and Ray Data's read and decode tasks need
     # CPUs too: a local instance advertises two logical CPUs beyond the workers' so the data side can run.
     ensure_ray(max(os.cpu_count() or 1, math.ceil(config.run.num_workers * config.run.cpus_per_worker) + 2))
@@ -74,12 +85,14 @@ def run_training(config: TrainConfig) -> TrainingSummary:
     for split in (config.data.train_split, config.data.val_split):
         if split not in manifest["splits"]:
             raise ValueError(f"split '{split}' is not in {config.data.path}: {sorted(manifest['splits'])}")
-    model_config = vglaw.get_config(config.model.preset, **config.model.overrides)
+    model_config = config.model_config()
     if manifest["image_size"] != model_config.vision.image_size:
         raise ValueError(
             f"the data was letterboxed to {manifest['image_size']} px but model '{config.model.preset}' takes "
             f"{model_config.vision.image_size}; preprocess with --image-size {model_config.vision.image_size}"
         )
+    if model_config.head.categories:
+        _check_categories(config, model_config.head.categories)
     steps_per_epoch = plan_steps_per_epoch(config, manifest["splits"][config.data.train_split]["rows"])
     tokenizer = build_tokenizer(config, model_config.text.max_tokens)
     print(

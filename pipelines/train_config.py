@@ -6,11 +6,14 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from vglaw.losses import LossWeights
+
+if TYPE_CHECKING:
+    from vglaw.config import VGLAWConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,6 +127,17 @@ class TrainConfig:
                 f"optim.global_batch_size {self.optim.global_batch_size} is not divisible by "
                 f"run.num_workers {self.run.num_workers}"
             )
+        if self.loss.category > 0 and not self.model_config().head.categories:
+            raise ValueError(
+                "loss.category needs the model's category classifier: set model.overrides.categories to one more "
+                "than the largest category id"
+            )
+
+    def model_config(self) -> VGLAWConfig:
+        """The resolved model configuration of ``model``."""
+        import vglaw
+
+        return vglaw.get_config(self.model.preset, **self.model.overrides)
 
     @property
     def batch_per_worker(self) -> int:

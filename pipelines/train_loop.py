@@ -61,6 +61,8 @@ def train_step(
         batch.masks.float() if out.mask_logits is not None else None,
         box_attention=out.box_attention,
         attention_masks=batch.masks,
+        category_logits=out.category_logits,
+        target_categories=batch.categories,
     )
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()

@@ -103,6 +103,11 @@ class HeadConfig:
     box_hidden: int = 256
     mask_hidden: int = 256
     mask_threshold: float = 0.35
+    # Not in the paper (0: none): a linear classifier of the referred object's category on LAP's pooled feature,
+    # trained by ``loss.category``; category ids must be below this. The paper's ViT comes from a COCO
+    # detector and already tells categories apart; one trained from scratch learns colour and position long
+    # before shape (docs/training.md).
+    categories: int = 0
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
@@ -110,6 +115,11 @@ class HeadConfig:
         _require(set(self.tasks) <= {"rec", "res"}, f"unknown tasks in {self.tasks}; use 'rec' and/or 'res'")
         _require(len(set(self.tasks)) == len(self.tasks), f"repeated task in {self.tasks}")
         _require(0.0 < self.mask_threshold < 1.0, "mask_threshold must be in (0, 1)")
+        _require(
+            isinstance(self.categories, int) and not isinstance(self.categories, bool) and self.categories >= 0,
+            f"categories must be an integer >= 0, got {self.categories!r}",
+        )
+        _require(self.categories == 0 or "rec" in self.tasks, "the category classifier needs the 'rec' branch")
 
 
 @dataclass

@@ -32,9 +32,13 @@ class LanguageAdaptivePooling(nn.Module):
 
 
 class BoxHead(nn.Module):
-    """REC branch: LAP, a 3-layer MLP and a sigmoid -> (cx, cy, w, h) normalised to the padded canvas."""
+    """REC branch: LAP, a 3-layer MLP and a sigmoid -> (cx, cy, w, h) normalised to the padded canvas.
 
-    def __init__(self, *, visual_dim: int, text_dim: int, key_dim: int, hidden_dim: int) -> None:
+    With ``categories`` > 0 it also classifies the pooled feature into that many object categories (a training
+    aid, not in the paper; see :attr:`vglaw.config.HeadConfig.categories`).
+    """
+
+    def __init__(self, *, visual_dim: int, text_dim: int, key_dim: int, hidden_dim: int, categories: int = 0) -> None:
         super().__init__()
         self.pool = LanguageAdaptivePooling(visual_dim=visual_dim, text_dim=text_dim, key_dim=key_dim)
         self.mlp = nn.Sequential(
@@ -44,11 +48,14 @@ class BoxHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, 4),
         )
+        self.category = nn.Linear(visual_dim, categories) if categories else None
 
-    def forward(self, visual: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
-        """``visual`` [B, C, h, w], ``cls`` [B, d_l] -> boxes [B, 4] and LAP's attention [B, h, w]."""
+    def forward(self, visual: Tensor, cls: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``visual`` [B, C, h, w], ``cls`` [B, d_l] -> boxes [B, 4], LAP's attention [B, h, w] and the
+        category logits [B, categories] (None without a classifier)."""
         pooled, attn = self.pool(visual, cls)
-        return self.mlp(pooled).sigmoid(), attn
+        logits = self.category(pooled) if self.category is not None else None
+        return self.mlp(pooled).sigmoid(), attn, logits
 
 
 class MaskHead(nn.Module):

@@ -9,6 +9,10 @@ cross-entropy between LAP's attention and the referred object's share of each fe
 (:func:`attention_loss`). The paper starts from a detector-pretrained ViT whose features already separate
 objects; from a random initialisation the box branch otherwise stays at the mean box for thousands of steps,
 because LAP's attention starts uniform and the box loss alone barely moves it (docs/training.md).
+
+Another is off by default too: ``category`` > 0 adds ``category * L_cat``, the cross-entropy of the
+referred object's category from the classifier on LAP's pooled feature (``head.categories`` > 0). It stands
+in for the detector pre-training that teaches the paper's ViT what the categories look like.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-__all__ = ["GroundingLoss", "LossWeights", "attention_loss", "detection_loss", "segmentation_loss"]
+__all__ = ["GroundingLoss", "LossWeights", "attention_loss", "category_loss", "detection_loss", "segmentation_loss"]
 
 
 @dataclass
@@ -36,6 +40,7 @@ class LossWeights:
         focal_alpha: Focal-loss weight of positive pixels, in [0, 1].
         focal_gamma: Focal-loss focusing exponent, >= 0.
         attention: Weight of the LAP attention loss (not in the paper; 0 turns it off).
+        category: Weight of the referred object's category loss (not in the paper; 0 turns it off).
     """
 
     l1: float = 1.0
@@ -45,9 +50,10 @@ class LossWeights:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     attention: float = 0.0
+    category: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("l1", "giou", "focal", "dice", "focal_gamma", "attention"):
+        for name in ("l1", "giou", "focal", "dice", "focal_gamma", "attention", "category"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"LossWeights.{name} must be a number, got {value!r}")
@@ -147,6 +153,15 @@ def attention_loss(attention: Tensor, target_masks: Tensor) -> Tensor:
     return (per_sample * present).sum() / present.sum().clamp_min(1.0)
 
 
+def category_loss(logits: Tensor, categories: Tensor) -> Tensor:
+    """Mean cross-entropy of the referred objects' category ids ``[B]`` under ``logits`` ``[B, K]``."""
+    if logits.ndim != 2 or categories.shape != logits.shape[:1]:
+        raise ValueError(
+            f"category_loss: logits {tuple(logits.shape)} must be [B, K] and categories {tuple(categories.shape)} [B]"
+        )
+    return F.cross_entropy(logits.float(), categories.long())
+
+
 class GroundingLoss(nn.Module):
     """The multi-task objective ``L_det + L_seg``; either branch may be absent (single-task models).
 
@@ -166,6 +181,8 @@ class GroundingLoss(nn.Module):
         target_masks: Tensor | None,
         box_attention: Tensor | None = None,
         attention_masks: Tensor | None = None,
+        category_logits: Tensor | None = None,
+        target_categories: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Computes every loss term.
 
@@ -176,11 +193,13 @@ class GroundingLoss(nn.Module):
             target_masks: Ground-truth masks ``[B, H, W]``; given exactly when ``mask_logits`` is.
             box_attention: LAP's attention ``[B, h, w]``; needed when ``weights.attention`` > 0.
             attention_masks: The masks its target comes from; defaults to ``target_masks``.
+            category_logits: The category classifier's logits ``[B, K]``; needed when ``weights.category`` > 0.
+            target_categories: The referred objects' category ids ``[B]``, each in ``[0, K)``.
 
         Returns:
-            The unweighted terms (``l1``, ``giou``, ``focal``, ``dice``, and ``attention`` when weighted) of
-            the present branches, the weighted ``loss_det`` / ``loss_seg``, and ``loss``, their sum (with
-            ``weights.attention * attention`` added). All float32 scalars.
+            The unweighted terms (``l1``, ``giou``, ``focal``, ``dice``, and ``attention`` and ``category``
+            when weighted) of the present branches, the weighted ``loss_det`` / ``loss_seg``, and ``loss``,
+            their sum (with the weighted ``attention`` and ``category`` added). All float32 scalars.
 
         Raises:
             ValueError: If no branch is present or a prediction lacks its target (or vice versa).
@@ -195,6 +214,9 @@ class GroundingLoss(nn.Module):
         use_attention = self.weights.attention > 0
         if use_attention and (box_attention is None or attention_masks is None):
             raise ValueError("the attention loss needs box_attention and masks (target_masks or attention_masks)")
+        use_category = self.weights.category > 0
+        if use_category and (category_logits is None or target_categories is None):
+            raise ValueError("the category loss needs category_logits (head.categories > 0) and target_categories")
         device = (pred_boxes if pred_boxes is not None else mask_logits).device
         out: dict[str, Tensor] = {}
         # NOTE: losses run in float32 outside autocast; bf16 sigmoid/log lose too much precision here.
@@ -207,4 +229,7 @@ class GroundingLoss(nn.Module):
             if use_attention:
                 out["attention"] = attention_loss(box_attention, attention_masks)
                 out["loss"] = out["loss"] + self.weights.attention * out["attention"]
+            if use_category:
+                out["category"] = category_loss(category_logits, target_categories)
+                out["loss"] = out["loss"] + self.weights.category * out["category"]
         return out

@@ -22,6 +22,7 @@ class VGLAWOutput:
     mask_logits: Tensor | None  # [B, S, S] at the input resolution; sigmoid gives the mask probability
     visual_features: Tensor  # [B, C, S/16, S/16]
     box_attention: Tensor | None = None  # [B, S/16, S/16] LAP's attention over the feature map (sums to 1)
+    category_logits: Tensor | None = None  # [B, categories] with ``head.categories`` > 0 (a training aid)
 
 
 class VGLAW(nn.Module):
@@ -63,7 +64,13 @@ class VGLAW(nn.Module):
                 num_blocks=v.depth, embed_dim=v.embed_dim, hidden_dim=self.aggregation.out_dim, rank=a.rank
             )
         self.box_head = (
-            BoxHead(visual_dim=v.embed_dim, text_dim=t.hidden_size, key_dim=h.pool_dim, hidden_dim=h.box_hidden)
+            BoxHead(
+                visual_dim=v.embed_dim,
+                text_dim=t.hidden_size,
+                key_dim=h.pool_dim,
+                hidden_dim=h.box_hidden,
+                categories=h.categories,
+            )
             if "rec" in h.tasks
             else None
         )
@@ -91,11 +98,17 @@ class VGLAW(nn.Module):
         text = self.language(input_ids, mask)  # [B, L, d_l]
         cls = text[:, 0]  # F_l^1, [B, d_l]
         features = self.visual(images, self.qkv_updates(text, mask))  # [B, C, h, w]
-        boxes = attention = None
+        boxes = attention = categories = None
         if self.box_head is not None:
-            boxes, attention = self.box_head(features, cls)
+            boxes, attention, categories = self.box_head(features, cls)
         masks = self.mask_head(features, cls, out_size=tuple(images.shape[-2:])) if self.mask_head is not None else None
-        return VGLAWOutput(boxes=boxes, mask_logits=masks, visual_features=features, box_attention=attention)
+        return VGLAWOutput(
+            boxes=boxes,
+            mask_logits=masks,
+            visual_features=features,
+            box_attention=attention,
+            category_logits=categories,
+        )
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """The visual and language backbones (the paper trains them at a 10x lower learning rate)."""

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torchvision.ops import generalized_box_iou
 
-from vglaw.losses import GroundingLoss, LossWeights, attention_loss, detection_loss, segmentation_loss
+from vglaw.losses import (
+    GroundingLoss,
+    LossWeights,
+    attention_loss,
+    category_loss,
+    detection_loss,
+    segmentation_loss,
+)
 
 
 def _random_cxcywh(gen: torch.Generator, n: int) -> torch.Tensor:
@@ -43,7 +50,7 @@ def _dice_reference(logits: torch.Tensor, target: torch.Tensor) -> float:
 def test_loss_weights_defaults_follow_the_paper() -> None:
     w = LossWeights()
     assert (w.l1, w.giou, w.focal, w.dice, w.focal_alpha, w.focal_gamma) == (1, 1, 4, 4, 0.25, 2)
-    assert w.attention == 0  # not in the paper: off unless a config turns it on
+    assert w.attention == 0 and w.category == 0  # not in the paper: off unless a config turns them on
 
 
 @pytest.mark.parametrize(
@@ -269,3 +276,30 @@ def test_grounding_loss_adds_the_weighted_attention_term_only_when_asked() -> No
     torch.testing.assert_close(rec_only["loss"], rec_only["loss_det"] + rec_only["attention"])
     with pytest.raises(ValueError, match="attention loss needs"):
         GroundingLoss(LossWeights(attention=1.0))(boxes, logits, target, masks)
+
+
+def test_category_loss_is_the_cross_entropy_of_the_referred_category() -> None:
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    categories = torch.tensor([0, 2])
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 2)) + math.log(3)) / 2
+    loss = category_loss(logits, categories)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert logits.grad[1, 2] < 0 < logits.grad[1, 0]  # raises the referred category, lowers the others
+    with pytest.raises(ValueError, match="category_loss"):
+        category_loss(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_grounding_loss_adds_the_weighted_category_term_only_when_asked() -> None:
+    gen = torch.Generator().manual_seed(4)
+    boxes, target = _random_cxcywh(gen, 2), _random_cxcywh(gen, 2)
+    logits = torch.randn(2, 5, generator=gen)
+    categories = torch.tensor([1, 4])
+    plain = GroundingLoss()(boxes, None, target, None, category_logits=logits, target_categories=categories)
+    assert "category" not in plain
+    weighted = GroundingLoss(LossWeights(category=0.5))(
+        boxes, None, target, None, category_logits=logits, target_categories=categories
+    )
+    torch.testing.assert_close(weighted["loss"], plain["loss"] + 0.5 * category_loss(logits, categories))
+    with pytest.raises(ValueError, match="category loss needs"):
+        GroundingLoss(LossWeights(category=1.0))(boxes, None, target, None, category_logits=logits)

@@ -78,6 +78,22 @@ def test_static_ablation_has_no_generator() -> None:
     assert model(images, ids, mask).boxes.shape == (2, 4)
 
 
+def test_category_classifier_is_optional_and_trains_with_the_backbone() -> None:
+    assert create_model("tiny")(*_batch(get_config("tiny"), batch=2)).category_logits is None
+    torch.manual_seed(0)
+    model = create_model("tiny", categories=6).train()
+    out = model(*_batch(model.config, batch=3))
+    assert out.category_logits.shape == (3, 6)
+    out.category_logits.logsumexp(-1).sum().backward()
+    assert model.box_head.category.weight.grad is not None
+    assert model.visual.patch_embed.proj.weight.grad.abs().sum() > 0  # the backbone learns from it too
+    assert {id(p) for p in model.box_head.category.parameters()} <= {id(p) for p in model.head_parameters()}
+    with pytest.raises(ValueError, match="categories must be an integer >= 0"):
+        get_config("tiny", categories=-1)
+    with pytest.raises(ValueError, match="needs the 'rec' branch"):
+        get_config("tiny", categories=6, tasks=("res",))
+
+
 def test_config_validation_and_overrides() -> None:
     config = get_config("tiny", depth=6, global_blocks=(2, 5), tasks=("rec",))
     assert config.vision.depth == 6 and config.head.tasks == ("rec",)
