@@ -1,4 +1,4 @@
-"""Parquet rows -> training batches: decoding, the category ids and the flip augmentation."""
+"""Parquet rows -> training batches (decoding, category ids, the flip) and a training step with the category loss."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.batches import TRAINING_COLUMNS, collate_rows
+from pipelines.batches import TRAINING_COLUMNS, TrainingBatch, collate_rows
 from pipelines.coco_masks import encode_mask
 from pipelines.image_rows import encode_canvas
+from pipelines.optim import build_optimizer, build_scheduler
 from pipelines.row_schema import SCHEMA_VERSION
 from pipelines.train import _check_categories
 from pipelines.train_config import load_config
+from pipelines.train_loop import build_model, train_step
+from vglaw.losses import GroundingLoss
 from vglaw.tokenizer import ExpressionTokenizer
 
 SIZE = 32
@@ -88,3 +91,32 @@ def test_the_category_loss_needs_the_classifier() -> None:
     with pytest.raises(ValueError, match=r"loss\.category needs the model's category classifier"):
         load_config(None, ["loss.category=1.0"])
     assert load_config(None, ["loss.category=1.0", "model.overrides={categories: 6}"]).loss.category == 1.0
+
+
+def test_a_training_step_learns_the_referred_category() -> None:
+    config = load_config(
+        None, ["model.overrides={categories: 6}", "loss.category=1.0", "loss.attention=2.0", "optim.grad_clip=1.0"]
+    )
+    torch.manual_seed(0)
+    model = build_model(config, vocab_size=64)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=10, optim=config.optim)
+    size = model.config.vision.image_size
+    masks = torch.zeros(2, size, size, dtype=torch.uint8)
+    masks[:, 40:80, 40:80] = 1
+    batch = TrainingBatch(
+        images=torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8),
+        input_ids=torch.tensor([[2, 10, 11, 3], [2, 12, 3, 0]]),
+        attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool),
+        boxes=torch.tensor([[0.47, 0.47, 0.31, 0.31]] * 2),
+        masks=masks,
+        categories=torch.tensor([1, 5]),
+        expressions=["the red circle", "the star"],
+    )
+    criterion = GroundingLoss(config.loss)
+    before = model.box_head.category.weight.detach().clone()
+    losses = train_step(model, batch, criterion, optimizer, scheduler, config.optim.grad_clip, None)
+    assert {"category", "attention", "loss_det", "loss_seg"} <= set(losses)
+    assert not torch.equal(model.box_head.category.weight, before)
+    expected = losses["loss_det"] + losses["loss_seg"] + config.loss.attention * losses["attention"]
+    torch.testing.assert_close(losses["loss"], expected + losses["category"])
