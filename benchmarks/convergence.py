@@ -2,10 +2,11 @@
 
 ::
 
-    python -m benchmarks.convergence [--epochs 12] [--images 2000] [--write-docs]
+    python -m benchmarks.convergence [--images 4000] [--epochs N] [--blind-epochs N] [--write-docs]
 
-Generates the synthetic dataset, preprocesses it with Ray Data and trains the demo configuration
-(``configs/synthetic.yaml``) twice with the real training job (Ray Train, MLflow):
+Generates the synthetic dataset, preprocesses it with Ray Data and trains the demo's model with the
+convergence schedule (``configs/synthetic_convergence.yaml``) twice with the real training job (Ray Train,
+MLflow):
 
 - **language**: the dataset as it is;
 - **language-blind**: the same rows with every expression replaced by one constant word, so that the model
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -82,6 +84,15 @@ def _prepare_data(work: Path, args: argparse.Namespace, image_size: int, env: di
              "--overwrite"],
             env, work / "synth.log",
         )  # fmt: skip
+    made = json.loads((raw / "synthetic" / "generator.json").read_text())["config"]
+    wanted = {
+        "num_images": args.images,
+        "seed": args.seed,
+        "min_objects": args.min_objects,
+        "max_objects": args.max_objects,
+    }
+    if any(made[k] != v for k, v in wanted.items()):
+        raise SystemExit(f"{raw} holds another dataset ({made}); pick another --work or remove it")
     if not (data / "manifest.json").is_file():
         _run(
             [sys.executable, "-m", "jobs.preprocess", "--refer-root", str(raw), "--out", str(data),
@@ -182,11 +193,12 @@ def render_section(result: dict[str, Any], curves: list[Curve]) -> str:
         else f"**Did not reach val Prec@0.5 >= {result['target']}** within {result['epochs']} epochs "
         f"(best {max(curves[0].prec):.3f})."
     )
+    category = f", category loss weight {result['category']}" if result.get("category") else ""
     return f"""{SECTION}
 
 `{result["command"]}`: the demo
 configuration (`{result["config"]}`: preset `{result["preset"]}`, {result["image_size"]} px, global batch
-{result["batch"]} on 2 CPU training workers, LAP attention loss weight {result["attention"]}) on the synthetic
+{result["batch"]} on 2 CPU training workers, LAP attention loss weight {result["attention"]}{category}) on the synthetic
 dataset with {result["images"]} images of {result["min_objects"]}-{result["max_objects"]} shapes
 ({result["train_rows"]} training expressions, {result["val_rows"]} val). Machine: {result["cpus"]} CPU cores, no
 GPU, Python {result["python"]}, torch {result["torch"]}, Ray {result["ray"]}; {result["date"]}; 1-minute load
@@ -216,17 +228,21 @@ def write_docs(section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.convergence", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/synthetic.yaml", help="training config (the demo's)")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of each run")
     parser.add_argument(
-        "--blind-epochs", type=int, default=None, help="epochs of the language-blind run (default: --epochs)"
+        "--config", default="configs/synthetic_convergence.yaml", help="training config (the demo's model)"
     )
-    parser.add_argument("--images", type=int, default=2000, help="synthetic images over all splits")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of each run (default: the config's)")
+    parser.add_argument(
+        "--blind-epochs", type=int, default=None, help="epochs of the language-blind run (default: as the other)"
+    )
+    parser.add_argument("--images", type=int, default=4000, help="synthetic images over all splits")
     parser.add_argument("--min-objects", type=int, default=2, help="fewest shapes per image")
     parser.add_argument("--max-objects", type=int, default=3, help="most shapes per image")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--target", type=float, default=0.9, help="val Prec@0.5 to reach")
-    parser.add_argument("--work", default="runs/benchmarks/convergence", help="data, checkpoints and logs")
+    parser.add_argument(
+        "--work", default=None, help="data, checkpoints and logs (default: runs/benchmarks/convergence<images>)"
+    )
     parser.add_argument("--skip-blind", action="store_true", help="reuse the last language-blind run")
     parser.add_argument("--skip-language", action="store_true", help="reuse the last language run")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the section in docs/benchmarks.md")
@@ -240,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.train_config import load_config
 
     config = load_config(REPO / args.config, args.override)
+    epochs = args.epochs or config.optim.epochs
     image_size = vglaw.get_config(config.model.preset, **config.model.overrides).vision.image_size
-    work = (REPO / args.work).resolve()
+    work = (REPO / (args.work or f"runs/benchmarks/convergence{args.images}")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, RAY_ADDRESS="", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
     load_before = round(os.getloadavg()[0], 2)
@@ -250,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M")  # a new run name each time: an existing name would resume that run
     if not args.skip_language:
-        _train(f"{stamp}-language", data, work, args, args.epochs, env)
+        _train(f"{stamp}-language", data, work, args, epochs, env)
     if not args.skip_blind:
-        _train(f"{stamp}-language-blind", blind, work, args, args.blind_epochs or args.epochs, env)
+        _train(f"{stamp}-language-blind", blind, work, args, args.blind_epochs or epochs, env)
     curves = [read_curve("language"), read_curve("language-blind")]
     stats = json.loads((work / "raw" / "synthetic" / "generator.json").read_text())
     manifest = read_manifest(data)
@@ -262,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         # From the runs themselves: with --skip-* a run comes from an earlier invocation.
         "epochs": curves[0].epochs,
         "blind_epochs": curves[1].epochs,
-        "command": " ".join(["python -m benchmarks.convergence", *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python -m benchmarks.convergence " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "images": args.images,
         "min_objects": args.min_objects,
         "max_objects": args.max_objects,
@@ -271,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "image_size": image_size,
         "batch": config.optim.global_batch_size,
         "attention": config.loss.attention,
+        "category": config.loss.category,
         "train_rows": manifest["splits"]["train"]["rows"],
         "val_rows": manifest["splits"]["val"]["rows"],
         "chance": stats["chance_uniform_object"],
