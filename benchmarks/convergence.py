@@ -75,7 +75,10 @@ def _run(args: list[str], env: dict[str, str], log: Path) -> None:
         raise SystemExit(f"{args[2]} failed ({proc.returncode}); see {log}")
 
 
-def _prepare_data(work: Path, args: argparse.Namespace, image_size: int, env: dict[str, str]) -> Path:
+def _prepare_data(
+    work: Path, args: argparse.Namespace, image_size: int, env: dict[str, str]
+) -> tuple[Path, dict[str, Any]]:
+    """The preprocessed dataset (made when missing) and the generator's statistics of its source."""
     raw, data = work / "raw", work / f"parquet_{image_size}"
     if not (raw / "synthetic" / "instances.json").is_file():
         _run(
@@ -84,7 +87,8 @@ def _prepare_data(work: Path, args: argparse.Namespace, image_size: int, env: di
              "--overwrite"],
             env, work / "synth.log",
         )  # fmt: skip
-    made = json.loads((raw / "synthetic" / "generator.json").read_text())["config"]
+    stats = json.loads((raw / "synthetic" / "generator.json").read_text())
+    made = stats["config"]
     wanted = {
         "num_images": args.images,
         "seed": args.seed,
@@ -99,7 +103,7 @@ def _prepare_data(work: Path, args: argparse.Namespace, image_size: int, env: di
              "--image-size", str(image_size), "--overwrite"],
             env, work / "preprocess.log",
         )  # fmt: skip
-    return data
+    return data, stats
 
 
 def blind_copy(data: Path, out: Path) -> Path:
@@ -252,17 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    import vglaw
     from pipelines.train_config import load_config
 
     config = load_config(REPO / args.config, args.override)
     epochs = args.epochs or config.optim.epochs
-    image_size = vglaw.get_config(config.model.preset, **config.model.overrides).vision.image_size
+    image_size = config.model.vglaw_config().vision.image_size
     work = (REPO / (args.work or f"runs/benchmarks/convergence{args.images}")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, RAY_ADDRESS="", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
     load_before = round(os.getloadavg()[0], 2)
-    data = _prepare_data(work, args, image_size, env)
+    data, stats = _prepare_data(work, args, image_size, env)
     blind = blind_copy(data, work / f"parquet_{image_size}_blind")
     started = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M")  # a new run name each time: an existing name would resume that run
@@ -271,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_blind:
         _train(f"{stamp}-language-blind", blind, work, args, args.blind_epochs or epochs, env)
     curves = [read_curve("language"), read_curve("language-blind")]
-    stats = json.loads((work / "raw" / "synthetic" / "generator.json").read_text())
     manifest = read_manifest(data)
     result = {
         "target": args.target,

@@ -85,7 +85,7 @@ def run_training(config: TrainConfig) -> TrainingSummary:
     for split in (config.data.train_split, config.data.val_split):
         if split not in manifest["splits"]:
             raise ValueError(f"split '{split}' is not in {config.data.path}: {sorted(manifest['splits'])}")
-    model_config = config.model_config()
+    model_config = config.model.vglaw_config()
     if manifest["image_size"] != model_config.vision.image_size:
         raise ValueError(
             f"the data was letterboxed to {manifest['image_size']} px but model '{config.model.preset}' takes "

@@ -34,10 +34,16 @@ class ModelSection:
 
         if self.preset not in vglaw.list_models():
             raise ValueError(f"model.preset '{self.preset}' is not one of {vglaw.list_models()}")
-        vglaw.get_config(self.preset, **self.overrides)  # validates the overrides now, not on a worker
+        self.vglaw_config()  # validates the overrides now, not on a worker
         for path in (self.pretrained_vit, self.pretrained_bert):
             if path is not None and not Path(path).exists():
                 raise FileNotFoundError(f"pretrained weights not found: {path}")
+
+    def vglaw_config(self) -> VGLAWConfig:
+        """The model's resolved configuration: the preset with ``overrides`` applied."""
+        import vglaw
+
+        return vglaw.get_config(self.preset, **self.overrides)
 
 
 @dataclass
@@ -127,17 +133,11 @@ class TrainConfig:
                 f"optim.global_batch_size {self.optim.global_batch_size} is not divisible by "
                 f"run.num_workers {self.run.num_workers}"
             )
-        if self.loss.category > 0 and not self.model_config().head.categories:
+        if self.loss.category > 0 and not self.model.vglaw_config().head.categories:
             raise ValueError(
                 "loss.category needs the model's category classifier: set model.overrides.categories to one more "
                 "than the largest category id"
             )
-
-    def model_config(self) -> VGLAWConfig:
-        """The resolved model configuration of ``model``."""
-        import vglaw
-
-        return vglaw.get_config(self.model.preset, **self.model.overrides)
 
     @property
     def batch_per_worker(self) -> int:
