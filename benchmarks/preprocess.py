@@ -73,16 +73,17 @@ def _encode_chunk(job: tuple[list[ImageTask], str, int, Path]) -> int:
     return len(tasks)
 
 
-def process_pool(source: ReferSource, out: Path, image_size: int, images_per_task: int, pool: Any) -> int:
+def process_pool(source: ReferSource, out: Path, image_size: int, images_per_task: int, pool: Any, workers: int) -> int:
     """The machine's reference: the job's chunks of work on a warm pool of plain processes, no Ray."""
     tasks = build_image_tasks(ReferDataset.load(source))
     for split in dict.fromkeys(t.split for t in tasks):
         (out / split).mkdir(parents=True)
     jobs = [
         (chunk, str(source.image_root), image_size, out / chunk[0].split / f"part-{i:05d}.parquet")
-        for i, chunk in enumerate(chunk_by_split(tasks, images_per_task))
+        for i, chunk in enumerate(chunk_by_split(tasks, images_per_task, workers))
     ]
-    return sum(pool.map(_encode_chunk, jobs))
+    # NOTE: one chunk per hand-out, in order, as Ray Data schedules them (map's default batches several).
+    return sum(pool.map(_encode_chunk, jobs, chunksize=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         generate_synthetic(work / "src", SyntheticConfig(num_images=args.images, image_width=w, image_height=h))
         source = ReferSource(work / "src", "synthetic", "unc", work / "src" / "images")
         n_images = len(build_image_tasks(ReferDataset.load(source)))
-        images_per_task = args.images_per_task
+        images_per_task, cpus = args.images_per_task, args.num_cpus
         # NOTE: the pool forks before Ray starts any thread in this process; it is warm before timing, as
         # Ray's workers are from the second run on.
         with multiprocessing.get_context("fork").Pool(args.num_cpus) as pool:
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.repeats):
                 for path, run in (
                     ("loop", lambda out: single_process(source, out, args.canvas, 1000)),
-                    ("processes", lambda out: process_pool(source, out, args.canvas, images_per_task, pool)),
+                    ("processes", lambda out: process_pool(source, out, args.canvas, images_per_task, pool, cpus)),
                     ("ray", lambda out: run_preprocess(_ray_config(source, out, args.canvas, images_per_task))),
                 ):
                     started = time.perf_counter()

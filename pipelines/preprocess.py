@@ -2,7 +2,8 @@
 
 Shape of the job::
 
-    driver: REFER reader -> ImageTasks (one per image and split) -> chunks of one split each
+    driver: REFER reader -> ImageTasks (one per image and split) -> chunks of one split each, shrinking
+            towards the end so that the workers finish together
     Ray Data, one execution for every split:
         from_items(chunks) -> map_batches(encode) -> write_datasink(<stage>/<split>/part-*.parquet)
     driver: collect skips, check the accounting, write manifest.json, swap <stage> into <out>
@@ -30,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.gc_pause import gc_paused
 from pipelines.image_rows import (
     IMAGE_FORMATS,
     ImageTask,
@@ -37,7 +39,9 @@ from pipelines.image_rows import (
     build_image_tasks,
     chunk_by_split,
     encode_image_task,
+    pack_tasks,
     rows_to_table,
+    unpack_tasks,
 )
 from pipelines.manifest import code_version, file_sha256, parquet_file_rows, write_manifest
 from pipelines.ray_runtime import ensure_ray
@@ -74,8 +78,9 @@ class PreprocessConfig:
         image_size: Side of the letterboxed square canvas.
         rows_per_file: Most rows per Parquet file.
         image_format: Encoding of the canvas bytes, ``jpeg`` (quality 95, 4:4:4) or ``png``.
-        images_per_task: Images per Ray task (one split each); larger amortises scheduling, smaller balances
-            better. A task writes its own Parquet file(s), so this also sets the typical file size.
+        images_per_task: Most images per Ray task (one split each); larger amortises scheduling. The last
+            tasks get fewer, so that the workers finish together (:func:`chunk_by_split`). A task writes its
+            own Parquet file(s), so this also sets the typical file size.
         strict: Fail on the first skipped item instead of listing it.
         overwrite: Replace an existing output instead of refusing.
     """
@@ -88,7 +93,7 @@ class PreprocessConfig:
     image_size: int = 448
     rows_per_file: int = 1000
     image_format: str = "jpeg"
-    images_per_task: int = 64
+    images_per_task: int = 128
     strict: bool = False
     overwrite: bool = False
 
@@ -130,7 +135,7 @@ SKIPS_DIR = "_skips"  # inside the staging folder: one JSON file per chunk that 
 def _encode_batch(
     batch: dict[str, np.ndarray], image_root: str, image_size: int, image_format: str, strict: bool, skip_dir: str
 ) -> pa.Table:
-    """Ray Data UDF: chunks of serialised :class:`ImageTask` s -> a table of rows.
+    """Ray Data UDF: chunks of packed :class:`ImageTask` s (:func:`pack_tasks`) -> a table of rows.
 
     Skips go to ``skip_dir/chunk-<n>.json``, named after the chunk: a retried task rewrites its own file, so
     nothing is counted twice, and no extra process is needed to gather them.
@@ -138,10 +143,8 @@ def _encode_batch(
     rows: list[dict[str, Any]] = []
     for chunk_id, chunk in zip(batch["chunk"], batch["tasks"], strict=True):
         skips: list[Skip] = []
-        for text in chunk:
-            task_rows, task_skips = encode_image_task(
-                ImageTask.from_json(str(text)), image_root, image_size, image_format
-            )
+        for task in unpack_tasks(chunk):
+            task_rows, task_skips = encode_image_task(task, image_root, image_size, image_format)
             rows += task_rows
             skips += task_skips
         if skips and strict:
@@ -190,10 +193,12 @@ def _write_splits(config: PreprocessConfig, tasks: list[ImageTask], stage: Path)
     """Encodes every split's image tasks in one Ray Data execution and writes them into ``stage/<split>/``."""
     import ray
 
-    chunks = [
-        {"chunk": i, "tasks": [t.to_json() for t in chunk]}
-        for i, chunk in enumerate(chunk_by_split(tasks, config.images_per_task))
-    ]
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    with gc_paused():
+        chunks = [
+            {"chunk": i, "tasks": pack_tasks(chunk)}
+            for i, chunk in enumerate(chunk_by_split(tasks, config.images_per_task, workers))
+        ]
     if not chunks:
         return
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
@@ -246,7 +251,8 @@ def run_preprocess(config: PreprocessConfig, num_cpus: int | None = None) -> dic
     reader_skips = [_problem_to_skip(p) for p in dataset.problems]
     if reader_skips and config.strict:
         raise StrictModeError(f"strict mode: {reader_skips[0].reason} (ref {reader_skips[0].ref_ids})")
-    tasks = build_image_tasks(dataset)
+    with gc_paused():
+        tasks = build_image_tasks(dataset)
     splits = list(dict.fromkeys([t.split for t in tasks] + [s.split for s in reader_skips if s.split]))
     expected: Counter[str] = Counter(e.split for e in dataset.expressions)
     for s in reader_skips:

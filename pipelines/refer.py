@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from pipelines.gc_pause import gc_paused
 from vglaw import safe_pickle
 
 __all__ = [
@@ -235,6 +236,11 @@ class ReferDataset:
             vglaw.safe_pickle.UnsafePickleError: If the pickle references any non-container global.
             ReferFormatError: If a file's top-level structure is wrong.
         """
+        with gc_paused():
+            return cls._load(source)
+
+    @classmethod
+    def _load(cls, source: ReferSource) -> ReferDataset:
         refs = safe_pickle.load(source.refs_path)
         if not isinstance(refs, list):
             kind = type(refs).__name__

@@ -208,13 +208,13 @@ def test_a_killed_encoder_worker_loses_and_duplicates_nothing(ray_local: None, t
 
 
 def test_a_retried_chunk_rewrites_its_skips_rather_than_repeating(quirky_refer: QuirkyRefer, tmp_path: Path) -> None:
-    from pipelines.image_rows import build_image_tasks
+    from pipelines.image_rows import build_image_tasks, pack_tasks
     from pipelines.preprocess import _encode_batch, _read_skips
     from pipelines.refer import ReferDataset
 
     config = _config(quirky_refer, tmp_path / "out")
     tasks = build_image_tasks(ReferDataset.load(config.source))
-    batch = {"chunk": np.array([7]), "tasks": np.array([[t.to_json() for t in tasks]], dtype=object)}
+    batch = {"chunk": np.array([7]), "tasks": np.array([pack_tasks(tasks)], dtype=object)}
     kwargs = dict(image_root=str(quirky_refer.image_root), image_size=64, image_format="jpeg", strict=False)
     first = _encode_batch(batch, **kwargs, skip_dir=str(tmp_path))
     again = _encode_batch(batch, **kwargs, skip_dir=str(tmp_path))  # as Ray does after a lost worker
