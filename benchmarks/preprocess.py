@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ray's workers are from the second run on.
         with multiprocessing.get_context("fork").Pool(args.num_cpus) as pool:
             pool.map(abs, range(args.num_cpus))
+            pool_pids = {proc.pid for proc in pool._pool}  # type: ignore[attr-defined]
             started = time.perf_counter()
             ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
             init_s = time.perf_counter() - started
@@ -151,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
                     ("processes", lambda out: process_pool(source, out, args.canvas, images_per_task, pool, cpus)),
                     ("ray", lambda out: run_preprocess(_ray_config(source, out, args.canvas, images_per_task))),
                 ):
-                    pool_pids = {proc.pid for proc in pool._pool}  # type: ignore[attr-defined]
                     before = cpu_seconds_by_role(pool_pids)
                     started = time.perf_counter()
                     run(work / f"{path}{i}")

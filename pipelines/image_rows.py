@@ -167,9 +167,10 @@ def chunk_by_split(tasks: list[ImageTask], size: int, workers: int = 1) -> list[
         start = 0
         while start < len(split_tasks):
             take = min(size, max(smallest, -(-remaining // (2 * workers))))
-            chunks.append(split_tasks[start : start + take])
-            start += take
-            remaining -= len(chunks[-1])
+            chunk = split_tasks[start : start + take]
+            chunks.append(chunk)
+            start += len(chunk)
+            remaining -= len(chunk)
     return chunks
 
 
