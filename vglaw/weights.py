@@ -59,7 +59,7 @@ def read_state_dict(source: str | os.PathLike[str] | Mapping[str, object]) -> St
 
             data = load_file(str(path))
         elif path.suffix == ".pkl":
-            data = safe_pickle.load(path, allow=safe_pickle.NUMPY_GLOBALS | safe_pickle.CONTAINER_GLOBALS)
+            data = safe_pickle.load(path, allow=safe_pickle.NUMPY_GLOBALS | safe_pickle.PLAIN_DATA_GLOBALS)
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("model", "state_dict", "module"):
@@ -70,7 +70,8 @@ def read_state_dict(source: str | os.PathLike[str] | Mapping[str, object]) -> St
     out: StateDict = {}
     for key, value in data.items():
         if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value))
+            # Contiguous, and writable (a tensor over read-only memory is undefined behaviour); 0-d stays 0-d.
+            value = torch.from_numpy(np.require(value, requirements=["C", "W"]))
         if isinstance(value, Tensor):
             out[str(key)] = value
     return out
@@ -93,7 +94,9 @@ def detect_vit_format(state: Mapping[str, Tensor]) -> VitFormat:
 # Source keys each format declares outside the trunk.
 _DROPPED: dict[VitFormat, re.Pattern[str]] = {
     "vitdet": re.compile(r"^(?!backbone\.net\.)"),  # FPN, RPN, ROI heads, pixel statistics
-    "sam": re.compile(r"^(neck\.|head\.|prompt_encoder\.|mask_decoder\.|pixel_mean$|pixel_std$)"),
+    # timm's samvit keys (``neck.*``) and SAM's own release (``image_encoder.neck.*`` beside the prompt encoder
+    # and mask decoder)
+    "sam": re.compile(r"^((image_encoder\.)?(neck|head)\.|prompt_encoder\.|mask_decoder\.|pixel_(mean|std)$)"),
     "vit": re.compile(r"^(cls_token$|dist_token$|norm\.|fc_norm\.|head\.|head_dist\.|mask_token$|decoder_)"),
 }
 
@@ -189,11 +192,23 @@ def resample_rel_pos(table: Tensor, length: int) -> Tensor:
     return resized.squeeze(0).t().to(table.dtype)
 
 
+# config.json fields the backbone must share: widths, and what the forward computes that no tensor shape shows.
+_BERT_CONFIG_MUST_AGREE = (
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "hidden_act",
+    "layer_norm_eps",
+)
+
+
 def load_bert_weights(language: nn.Module, directory: str | os.PathLike[str]) -> LoadReport:
     """Load a local Hugging Face BERT directory into a :class:`vglaw.language.LanguageBackbone`.
 
     The backbone keeps the checkpoint's first ``num_layers`` layers; deeper layers, the pooler and pre-training
-    heads are dropped by rule. Widths must agree with ``config.json``.
+    heads are dropped by rule. Widths, activation and LayerNorm epsilon must agree with ``config.json``. The
+    original release's names (a ``bert.`` prefix, ``LayerNorm.gamma`` / ``beta``) are accepted.
     """
     directory = Path(directory)
     files = [directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()]
@@ -203,7 +218,7 @@ def load_bert_weights(language: nn.Module, directory: str | os.PathLike[str]) ->
     config_path = directory / "config.json"
     if config_path.is_file():
         source_config = json.loads(config_path.read_text())
-        for attr in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
+        for attr in _BERT_CONFIG_MUST_AGREE:
             mine, theirs = getattr(bert.config, attr), source_config.get(attr)
             if theirs is not None and theirs != mine:
                 raise WeightImportError(f"BERT {attr}: checkpoint has {theirs}, the model {mine}")
