@@ -35,7 +35,7 @@ class LowRankUpdate:
 
     def materialise(self) -> Tensor:
         """The dense per-sample update [B, C_out, C_in]; for tests and benchmarks only."""
-        return torch.einsum("or,bir->boi", self.up, self.down)
+        return torch.einsum("or,bir->boi", self.up.to(self.down.dtype), self.down)
 
 
 class LanguageFeatureAggregation(nn.Module):
@@ -69,9 +69,11 @@ class LanguageFeatureAggregation(nn.Module):
         group_dim = dim // self.groups
         tokens = text.reshape(batch, length, self.groups, group_dim)  # [B, L, G, c]
         queries = self.block_queries.reshape(self.num_blocks, self.groups, group_dim).to(text.dtype)
-        logits = torch.einsum("blgc,ngc->bngl", tokens, queries) / math.sqrt(group_dim)  # [B, n, G, L]
+        logits = torch.einsum("blgc,ngc->bngl", tokens, queries).float() / math.sqrt(group_dim)  # [B, n, G, L]
+        # NOTE: the masked softmax runs in fp32 whatever dtype autocast gave the einsum: in bf16 every weight would
+        # be rounded to 8 significant bits, and these weights feed every block's generated qkv update.
         logits = logits.masked_fill(~text_mask.bool()[:, None, None, :], float("-inf"))
-        alpha = logits.softmax(dim=-1)
+        alpha = logits.softmax(dim=-1).to(tokens.dtype)
         h0 = torch.einsum("bngl,blgc->bngc", alpha, tokens).reshape(batch, self.num_blocks, dim)  # [B, n, d_l]
         return torch.stack([reduce(h0[:, i]) for i, reduce in enumerate(self.reduce)], dim=1)  # [B, n, d_h]
 
@@ -107,20 +109,25 @@ class LanguageAdaptiveWeights(nn.Module):
 
 def materialised_qkv(x: Tensor, weight: Tensor, bias: Tensor | None, update: LowRankUpdate) -> Tensor:
     """Reference dense computation ``x (W0 + P Phi Q^T)^T + b`` per sample; ``x`` [B, N, C]."""
-    weights = weight.unsqueeze(0) + update.materialise()  # [B, 3C, C]
-    out = torch.bmm(x, weights.transpose(1, 2))
-    return out if bias is None else out + bias
+    weights = weight.unsqueeze(0) + update.materialise().to(weight.dtype)  # [B, 3C, C]
+    out = torch.bmm(x, weights.transpose(1, 2).to(x.dtype))
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def linear_with_update(x: Tensor, layer: nn.Linear, update: LowRankUpdate | None) -> Tensor:
-    """``layer(x)`` plus the sample's low-rank update when there is one; ``x`` [B, ..., C_in]."""
-    out = F.linear(x, layer.weight, layer.bias)
+    """``layer(x)`` plus the sample's low-rank update when there is one; ``x`` [B, ..., C_in].
+
+    The result has ``F.linear``'s dtype: bf16 under autocast, ``x``'s dtype otherwise.
+    """
+    out = F.linear(x, layer.weight, layer.bias)  # [B, ..., C_out]
     if update is None:
         return out
     if update.dense:
-        return out + update(x)
+        return out + update(x).to(out.dtype)
     # Accumulate into the static output in place: one [B, N, r] temporary instead of a second [B, N, 3C].
-    batch = x.shape[0]
-    low = torch.bmm(x.reshape(batch, -1, x.shape[-1]), update.down.to(x.dtype))  # [B, N, r]
-    up_t = update.up.to(x.dtype).t().expand(batch, -1, -1)  # [B, r, C_out]
-    return out.view(batch, -1, out.shape[-1]).baddbmm_(low, up_t).view(out.shape)
+    # NOTE: the update is computed in the output's dtype. Under autocast ``out`` is bf16 while ``x`` (after a
+    # LayerNorm), ``down`` and ``up`` may be fp32, and an in-place op cannot change its output's dtype.
+    dtype, batch, c_out = out.dtype, x.shape[0], out.shape[-1]
+    low = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(dtype), update.down.to(dtype))  # [B, N, r]
+    # One [B*N, r] x [r, C_out] GEMM: ``up`` is shared by the batch, so no per-sample expand is needed.
+    return out.view(-1, c_out).addmm_(low.view(-1, low.shape[-1]), update.up.to(dtype).t()).view(out.shape)

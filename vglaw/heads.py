@@ -25,9 +25,12 @@ class LanguageAdaptivePooling(nn.Module):
         b, _, h, w = visual.shape
         tokens = visual.flatten(2).transpose(1, 2)  # [B, hw, C]
         query = self.query(cls).unsqueeze(1)  # [B, 1, k]
-        logits = (query @ self.key(tokens).transpose(1, 2)).squeeze(1) / math.sqrt(self.key_dim)  # [B, hw]
-        attn = logits.softmax(dim=-1)
-        pooled = torch.bmm(attn.unsqueeze(1), self.value(tokens)).squeeze(1)  # [B, C]
+        logits = (query @ self.key(tokens).transpose(1, 2)).squeeze(1).float() / math.sqrt(self.key_dim)  # [B, hw]
+        # NOTE: the softmax over the h*w cells runs in fp32 (bf16 would round each of ~800 small weights to 2**-9
+        # of itself), and the returned attention, which the attention loss takes the log of, stays fp32.
+        attn = logits.softmax(dim=-1)  # [B, hw]
+        values = self.value(tokens)  # [B, hw, C]
+        pooled = torch.bmm(attn.unsqueeze(1).to(values.dtype), values).squeeze(1)  # [B, C]
         return pooled, attn.reshape(b, h, w)
 
 
@@ -54,8 +57,9 @@ class BoxHead(nn.Module):
         """``visual`` [B, C, h, w], ``cls`` [B, d_l] -> boxes [B, 4], LAP's attention [B, h, w] and the
         category logits [B, categories] (None without a classifier)."""
         pooled, attn = self.pool(visual, cls)
-        logits = self.category(pooled) if self.category is not None else None
-        return self.mlp(pooled).sigmoid(), attn, logits
+        logits = self.category(pooled).float() if self.category is not None else None
+        # NOTE: the sigmoid runs in fp32: bf16 boxes near 0.5 would only resolve steps of 2**-9 of the canvas.
+        return self.mlp(pooled).float().sigmoid(), attn, logits
 
 
 class MaskHead(nn.Module):
@@ -72,6 +76,9 @@ class MaskHead(nn.Module):
 
     def forward(self, visual: Tensor, cls: Tensor, out_size: tuple[int, int]) -> Tensor:
         """``visual`` [B, C, h, w], ``cls`` [B, d_l] -> mask logits [B, *out_size]."""
-        features = self.upsample(visual)  # [B, d_l, 4h, 4w]
-        logits = torch.einsum("bchw,bc->bhw", features, cls.to(features.dtype))  # s-bar
+        features = self.upsample(visual)  # [B, d_l, 4h, 4w]; bf16 under autocast
+        # NOTE: the dot product stays in the features' dtype (a GEMM: bf16 inputs, fp32 accumulation), but the small
+        # logit map is upsampled in fp32, so the mask logits leave the model fp32 and thresholding them at the
+        # input resolution does not see bf16's 8-bit rounding steps.
+        logits = torch.einsum("bchw,bc->bhw", features, cls.to(features.dtype)).float()  # s-bar, [B, 4h, 4w]
         return F.interpolate(logits.unsqueeze(1), size=out_size, mode="bilinear", align_corners=False).squeeze(1)

@@ -39,7 +39,8 @@ def box_iou_paired(a_xyxy: ArrayT, b_xyxy: ArrayT) -> ArrayT:
         b_xyxy: Boxes of the same shape and kind.
 
     Returns:
-        IoU ``[...]``; 0 where the union is empty (two degenerate boxes), never NaN.
+        IoU ``[...]``; 0 where the union is empty (two degenerate boxes), never NaN. Computed in float64; a
+        torch result has the inputs' dtype but at least float32 (bf16 or fp16 boxes give float32 IoUs).
     """
     if a_xyxy.shape != b_xyxy.shape or a_xyxy.shape[-1] != 4:
         raise ValueError(f"expected two [..., 4] arrays of one shape, got {a_xyxy.shape} and {b_xyxy.shape}")
@@ -57,7 +58,10 @@ def box_iou_paired(a_xyxy: ArrayT, b_xyxy: ArrayT) -> ArrayT:
     union = area_a + area_b - inter
     safe = where(union > 0, union, 1.0 + 0 * union)
     iou = where(union > 0, inter / safe, 0 * union)
-    return iou.to(a_xyxy.dtype) if isinstance(a_xyxy, torch.Tensor) and a_xyxy.is_floating_point() else iou
+    if isinstance(a_xyxy, torch.Tensor) and a_xyxy.is_floating_point():
+        # NOTE: never narrower than float32: a bf16 IoU is only good to 2**-9, enough to flip IoU >= 0.5.
+        return iou.to(torch.promote_types(a_xyxy.dtype, torch.float32))
+    return iou
 
 
 def mask_intersection_union(pred: ArrayT, gt: ArrayT) -> tuple[ArrayT, ArrayT]:
@@ -134,7 +138,9 @@ class _Tally:
 
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        # NOTE: numpy has no bfloat16; float tensors of any width become float64 (exact) before leaving torch.
+        x = x.detach().to(torch.float64) if x.is_floating_point() else x.detach()
+        return x.cpu().numpy()
     return np.asarray(x)
 
 

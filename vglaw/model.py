@@ -16,7 +16,11 @@ from vglaw.vision import ViTDetBackbone
 
 @dataclass
 class VGLAWOutput:
-    """Named predictions; a branch that the model does not have is None."""
+    """Named predictions; a branch that the model does not have is None.
+
+    Every field is float32 under bf16 autocast too: the heads end in fp32 (sigmoid, softmax, mask upsampling) and
+    the ViT's residual stream stays fp32, so the losses and metrics never see bf16 rounding of the outputs.
+    """
 
     boxes: Tensor | None  # [B, 4] (cx, cy, w, h) in [0, 1] of the padded input canvas
     mask_logits: Tensor | None  # [B, S, S] at the input resolution; sigmoid gives the mask probability

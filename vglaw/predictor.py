@@ -13,6 +13,7 @@ from torch import Tensor
 
 from vglaw.geometry import Letterbox, cxcywh_to_xyxy
 from vglaw.model import VGLAW
+from vglaw.precision import Precision, autocast, resolve_precision
 from vglaw.tokenizer import ExpressionTokenizer
 from vglaw.transforms import normalize, to_uint8_tensor
 
@@ -48,6 +49,8 @@ class Predictor:
         device: where to run; defaults to the model's device.
         mask_threshold: probability at which a pixel is in the mask; defaults to the model config's (0.35).
         batch_size: expressions per forward pass.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast; parameters stay fp32); None takes the device's default,
+            bf16 on CUDA and fp32 elsewhere (see :func:`vglaw.precision.resolve_precision`).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class Predictor:
         device: torch.device | str | None = None,
         mask_threshold: float | None = None,
         batch_size: int = 16,
+        precision: str | None = None,
     ) -> None:
         if tokenizer.vocab_size != model.config.text.vocab_size:
             raise ValueError(
@@ -68,15 +72,17 @@ class Predictor:
         self.image_size = model.config.vision.image_size
         self.mask_threshold = model.config.head.mask_threshold if mask_threshold is None else mask_threshold
         self.batch_size = batch_size
-        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.precision: Precision = resolve_precision(precision, self.device)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str], device: torch.device | str = "cpu") -> Predictor:
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], device: torch.device | str = "cpu", precision: str | None = None
+    ) -> Predictor:
         """A predictor for a model directory written by :func:`vglaw.checkpoint.save_pretrained`."""
         from vglaw.checkpoint import load_pretrained
 
         model, tokenizer = load_pretrained(directory, device=device)
-        return cls(model, tokenizer, device=device)
+        return cls(model, tokenizer, device=device, precision=precision)
 
     @torch.inference_mode()
     def predict_canvas(self, canvases: Tensor, expressions: Sequence[str]) -> CanvasPrediction:
@@ -95,7 +101,7 @@ class Predictor:
             chunk = expressions[start : start + self.batch_size]
             tokens = self.tokenizer(chunk).to(self.device)
             images = normalize(canvases[start : start + self.batch_size].to(self.device))
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            with autocast(self.precision, self.device):
                 out = self.model(images, tokens.input_ids, tokens.attention_mask)
             if out.boxes is not None:
                 boxes.append(out.boxes.float())

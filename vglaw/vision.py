@@ -35,7 +35,8 @@ def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hei
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # [B, n, H, W, H]
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # [B, n, H, W, W]
     bias = rel_h[..., :, None] + rel_w[..., None, :]  # [B, n, H, W, H, W]
-    return bias.reshape(b, heads, height * width, height * width)
+    # NOTE: in q's dtype whatever autocast chose for the einsums: SDPA takes a float mask only in the query's dtype.
+    return bias.reshape(b, heads, height * width, height * width).to(q.dtype)
 
 
 def sincos_pos_embed(grid: int, dim: int) -> Tensor:

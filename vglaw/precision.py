@@ -1,0 +1,37 @@
+"""Numeric precision as a setting: ``fp32``, or ``bf16`` through autocast on CUDA and on the CPU alike.
+
+The same autocast region runs on a GPU and, through CPU autocast, in CI, so that the code a GPU cluster runs is
+the code the tests run. Parameters, optimiser state and losses stay fp32 (:mod:`vglaw.losses` leaves autocast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal, get_args
+
+import torch
+
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def resolve_precision(precision: str | None, device: torch.device | str) -> Precision:
+    """``precision`` checked, or the device's default when None: bf16 on CUDA, fp32 elsewhere."""
+    if precision is None:
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return precision  # type: ignore[return-value]
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (None: no autocast)."""
+    return torch.bfloat16 if resolve_precision(precision, "cpu") == "bf16" else None
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager[None]:
+    """The autocast region for ``precision`` on ``device``; a no-op region for fp32."""
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
