@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipelines.eval_stage import EvaluationConfig, log_evaluation, run_evaluation
 from pipelines.ray_runtime import ensure_ray
+from vglaw.precision import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="expressions per forward pass (default 16)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor; 0 runs on CPU (default 0)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=list(PRECISIONS),
+        help="forward-pass precision, bf16 through autocast (default: bf16 on GPUs, fp32 on the CPU)",
+    )
     p.add_argument("--mask-threshold", type=float, default=None, help="mask probability threshold (default: model's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each split")
     p.add_argument("--overlays", type=int, default=8, help="examples per split in the overlay PNG; 0: none")
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             num_cpus_per_actor=args.cpus_per_actor,
             num_gpus_per_actor=args.gpus_per_actor,
+            precision=args.precision,
             mask_threshold=args.mask_threshold,
             overlays=args.overlays,
             limit=args.limit,

@@ -27,6 +27,7 @@ from pipelines.ray_runtime import ensure_ray
 from pipelines.serve import TOKEN_ENV, ServeSettings, build_app
 from pipelines.serve_api import RequestLimits
 from pipelines.tracking import find_model_dir
+from vglaw.precision import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep = p.add_argument_group("replicas")
     rep.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="model device (default auto)")
+    rep.add_argument(
+        "--precision",
+        default=None,
+        choices=list(PRECISIONS),
+        help="forward-pass precision, bf16 through autocast (default: bf16 on CUDA, fp32 on the CPU)",
+    )
     rep.add_argument("--replicas", type=int, default=None, help="fixed number of model replicas (no autoscaling)")
     rep.add_argument("--min-replicas", type=int, default=1, help="autoscaling: fewest model replicas (default 1)")
     rep.add_argument("--max-replicas", type=int, default=1, help="autoscaling: most model replicas (default 1)")
@@ -117,6 +124,7 @@ def settings_args(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": model,
         "device": args.device,
+        "precision": args.precision,
         "min_replicas": min_replicas,
         "max_replicas": max_replicas,
         "target_ongoing_requests": args.target_ongoing_requests,

@@ -20,6 +20,7 @@ from pipelines.eval_report import (
 )
 from pipelines.evaluate import SplitEvaluation, evaluate_splits, read_chunk
 from pipelines.ray_runtime import ensure_ray
+from vglaw.precision import PRECISIONS
 
 __all__ = ["EvaluationConfig", "EvaluationOutputs", "log_evaluation", "run_evaluation"]
 
@@ -37,6 +38,7 @@ class EvaluationConfig:
         batch_size: Expressions per forward pass.
         num_cpus_per_actor: CPUs per actor.
         num_gpus_per_actor: GPUs per actor (0: CPU inference).
+        precision: ``fp32`` or ``bf16`` (autocast); None: bf16 on GPUs, fp32 on the CPU.
         mask_threshold: Mask probability threshold; None for the model's.
         overlays: Rows per split drawn in the overlay grid (0: none).
         limit: Evaluate only the first rows of each split (smoke tests).
@@ -50,6 +52,7 @@ class EvaluationConfig:
     batch_size: int = 16
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    precision: str | None = None
     mask_threshold: float | None = None
     overlays: int = 8
     limit: int | None = None
@@ -67,6 +70,8 @@ class EvaluationConfig:
             raise ValueError("num_actors and batch_size must be >= 1")
         if self.num_cpus_per_actor <= 0 or self.num_gpus_per_actor < 0:
             raise ValueError("num_cpus_per_actor must be > 0 and num_gpus_per_actor >= 0")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)} or None, got {self.precision!r}")
         if self.mask_threshold is not None and not 0.0 < self.mask_threshold < 1.0:
             raise ValueError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if self.overlays < 0 or (self.limit is not None and self.limit < 1):
@@ -110,6 +115,7 @@ def run_evaluation(config: EvaluationConfig, log: Callable[[str], None] = print)
         mask_threshold=config.mask_threshold,
         num_cpus_per_actor=config.num_cpus_per_actor,
         num_gpus_per_actor=config.num_gpus_per_actor,
+        precision=config.precision,
         limit=config.limit,
     )
     inference_s = time.perf_counter() - began
@@ -125,7 +131,7 @@ def run_evaluation(config: EvaluationConfig, log: Callable[[str], None] = print)
     report = build_report(evaluations, model, data, settings=settings | evaluations[0].settings)
     overlay_paths = {}
     if config.overlays:
-        predictor = Predictor.from_pretrained(model_dir)
+        predictor = Predictor.from_pretrained(model_dir, precision=config.precision)
         for split in config.splits:
             files = split_files(config.data, split)
             if files:

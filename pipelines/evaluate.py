@@ -299,6 +299,7 @@ class GroundingEvaluator:
         mask_threshold: Mask probability threshold; None for the model's.
         device: ``"cpu"``, ``"cuda"`` or None for CUDA when this actor sees a GPU.
         torch_threads: Intra-op threads (match the actor's CPUs so actors do not oversubscribe the node).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast); None for the device's default.
     """
 
     def __init__(
@@ -308,6 +309,7 @@ class GroundingEvaluator:
         mask_threshold: float | None = None,
         device: str | None = None,
         torch_threads: int = 1,
+        precision: str | None = None,
     ) -> None:
         import ray
 
@@ -317,7 +319,7 @@ class GroundingEvaluator:
         with tempfile.TemporaryDirectory(prefix="vglaw-eval-") as tmp:
             for name, data in files.items():
                 Path(tmp, name).write_bytes(data)
-            self.predictor = Predictor.from_pretrained(tmp, device=device)
+            self.predictor = Predictor.from_pretrained(tmp, device=device, precision=precision)
         self.batch_size = batch_size
         self.predictor.batch_size = batch_size
         self.mask_threshold = mask_threshold
@@ -373,6 +375,7 @@ def evaluate_splits(
     mask_threshold: float | None = None,
     num_cpus_per_actor: float = 1.0,
     num_gpus_per_actor: float = 0.0,
+    precision: str | None = None,
     iou_threshold: float = 0.5,
     length_edges: Sequence[int] = (5, 7, 10),
     batches_per_chunk: int = 4,
@@ -389,6 +392,7 @@ def evaluate_splits(
         mask_threshold: Mask probability threshold; None for the model's (0.35).
         num_cpus_per_actor: CPUs reserved per actor (also its torch thread count).
         num_gpus_per_actor: GPUs per actor; 0 runs on the CPU.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast); None: bf16 on GPUs, fp32 on the CPU.
         iou_threshold: Box IoU counted as a hit for ``prec@<t>``.
         length_edges: Expression-length buckets, as :class:`GroundingMetrics` takes them.
         batches_per_chunk: Batches per planned chunk (the unit of work an actor takes).
@@ -422,6 +426,7 @@ def evaluate_splits(
                 "mask_threshold": mask_threshold,
                 "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
                 "torch_threads": max(1, int(num_cpus_per_actor)),
+                "precision": precision,
             },
             compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(plan))),
             num_cpus=num_cpus_per_actor,
@@ -435,6 +440,7 @@ def evaluate_splits(
         "mask_threshold": mask_threshold,
         "num_cpus_per_actor": num_cpus_per_actor,
         "num_gpus_per_actor": num_gpus_per_actor,
+        "precision": precision,
         "iou_threshold": iou_threshold,
         "length_edges": list(length_edges),
         "limit": limit,

@@ -10,8 +10,9 @@ Shape of the job::
 
 Everything goes into a hidden staging folder beside ``out`` first; only a complete output (manifest
 included) is renamed into place, so a reader never sees a half-written mix. Each encoder task writes what
-it skipped beside its Parquet files (``<stage>/_skips/``), and the driver checks that for every split
-``rows written + expressions skipped == expressions expected``: nothing vanishes silently.
+it skipped and the Ray node it ran on beside its Parquet files (``<stage>/_chunks/``), and the driver checks that
+for every split ``rows written + expressions skipped == expressions expected``: nothing vanishes silently. The
+manifest counts the images each node encoded (``encoded_by_node``).
 """
 
 from __future__ import annotations
@@ -129,38 +130,48 @@ def _problem_to_skip(problem: ReferProblem) -> Skip:
     )
 
 
-SKIPS_DIR = "_skips"  # inside the staging folder: one JSON file per chunk that skipped anything
+CHUNKS_DIR = "_chunks"  # inside the staging folder: one JSON record per chunk (its node, images and skips)
 
 
 def _encode_batch(
-    batch: dict[str, np.ndarray], image_root: str, image_size: int, image_format: str, strict: bool, skip_dir: str
+    batch: dict[str, np.ndarray], image_root: str, image_size: int, image_format: str, strict: bool, chunk_dir: str
 ) -> pa.Table:
     """Ray Data UDF: chunks of packed :class:`ImageTask` s (:func:`pack_tasks`) -> a table of rows.
 
-    Skips go to ``skip_dir/chunk-<n>.json``, named after the chunk: a retried task rewrites its own file, so
-    nothing is counted twice, and no extra process is needed to gather them.
+    Each chunk's record goes to ``chunk_dir/chunk-<n>.json``, named after the chunk: a retried task rewrites its
+    own file, so nothing is counted twice, and no extra process is needed to gather them.
     """
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     rows: list[dict[str, Any]] = []
     for chunk_id, chunk in zip(batch["chunk"], batch["tasks"], strict=True):
         skips: list[Skip] = []
-        for task in unpack_tasks(chunk):
+        tasks = unpack_tasks(chunk)
+        for task in tasks:
             task_rows, task_skips = encode_image_task(task, image_root, image_size, image_format)
             rows += task_rows
             skips += task_skips
         if skips and strict:
             first = skips[0]
             raise StrictModeError(f"strict mode: image {first.image_id} ({first.file_name}): {first.reason}")
-        if skips:
-            path = Path(skip_dir) / f"chunk-{int(chunk_id):06d}.json"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps([s.to_dict() for s in skips]), encoding="utf-8")
-            os.replace(tmp, path)
+        record = {"node": node, "images": len(tasks), "skips": [s.to_dict() for s in skips]}
+        path = Path(chunk_dir) / f"chunk-{int(chunk_id):06d}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        os.replace(tmp, path)
     return rows_to_table(rows)
 
 
-def _read_skips(skip_dir: Path) -> list[dict[str, Any]]:
-    """The skips the encoder wrote, in chunk order."""
-    return [s for path in sorted(skip_dir.glob("chunk-*.json")) for s in json.loads(path.read_text("utf-8"))]
+def _read_chunk_records(chunk_dir: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The skips the encoder wrote, in chunk order, and the images each Ray node encoded."""
+    skips: list[dict[str, Any]] = []
+    nodes: Counter[str] = Counter()
+    for path in sorted(chunk_dir.glob("chunk-*.json")):
+        record = json.loads(path.read_text("utf-8"))
+        skips += record["skips"]
+        nodes[record["node"]] += record["images"]
+    return skips, dict(sorted(nodes.items()))
 
 
 def _split_parquet_datasink(root: Path, rows_per_file: int) -> Any:
@@ -211,7 +222,7 @@ def _write_splits(config: PreprocessConfig, tasks: list[ImageTask], stage: Path)
             "image_size": config.image_size,
             "image_format": config.image_format,
             "strict": config.strict,
-            "skip_dir": str(stage / SKIPS_DIR),
+            "chunk_dir": str(stage / CHUNKS_DIR),
         },
     )
     # NOTE: Ray Data's reservation allocator sets a share of the CPUs aside for each operator up front; on a
@@ -263,12 +274,14 @@ def run_preprocess(config: PreprocessConfig, num_cpus: int | None = None) -> dic
     stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        for split in [*splits, SKIPS_DIR]:
+        for split in [*splits, CHUNKS_DIR]:
             (stage / split).mkdir()
         _write_splits(config, tasks, stage)
-        skips = [s.to_dict() for s in reader_skips] + _read_skips(stage / SKIPS_DIR)
-        shutil.rmtree(stage / SKIPS_DIR)
+        encoder_skips, nodes = _read_chunk_records(stage / CHUNKS_DIR)
+        skips = [s.to_dict() for s in reader_skips] + encoder_skips
+        shutil.rmtree(stage / CHUNKS_DIR)
         manifest = _build_manifest(config, dataset, tasks, splits, expected, skips, stage, started)
+        manifest["encoded_by_node"] = nodes
         write_manifest(stage, manifest)
         _commit(stage, out)
     except StrictModeError:

@@ -56,6 +56,7 @@ from pipelines.serve_schema import (
     error_responses,
 )
 from vglaw.geometry import Letterbox
+from vglaw.precision import PRECISIONS
 
 __all__ = ["INGRESS_DEPLOYMENT", "MODEL_DEPLOYMENT", "TOKEN_ENV", "GroundingAPI", "ServeSettings", "build_app"]
 
@@ -74,6 +75,7 @@ class ServeSettings:
     Attributes:
         model: Model directory, or MLflow URI (``models:/name@alias``, ``models:/name/N``, ``runs:/...``).
         device: ``auto`` (CUDA when the replica has a GPU), ``cpu`` or ``cuda``.
+        precision: ``fp32`` or ``bf16`` (autocast) for the forward pass; None: bf16 on CUDA, fp32 on the CPU.
         min_replicas: Model replicas at least (and exactly, when equal to ``max_replicas``).
         max_replicas: Model replicas at most; above ``min_replicas`` the deployment autoscales.
         target_ongoing_requests: Autoscaling target of ongoing requests per model replica.
@@ -94,6 +96,7 @@ class ServeSettings:
 
     model: str
     device: str = "auto"
+    precision: str | None = None
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 16.0
@@ -115,6 +118,8 @@ class ServeSettings:
             raise ValueError("model is required: a model directory or models:/name@alias")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)} or none, got {self.precision!r}")
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             replicas = f"{self.min_replicas}, {self.max_replicas}"
             raise ValueError(f"need 0 <= min_replicas <= max_replicas >= 1, got {replicas}")
@@ -387,7 +392,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         }
     else:
         model_options["num_replicas"] = settings.max_replicas
-    model_app = GroundingModel.options(**model_options).bind(model, settings.device)
+    model_app = GroundingModel.options(**model_options).bind(model, settings.device, settings.precision)
     ingress = GroundingAPI.options(
         num_replicas=settings.ingress_replicas,
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},

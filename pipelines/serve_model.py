@@ -213,13 +213,14 @@ class GroundingModel:
     Args:
         model: A model directory or an MLflow URI (``models:/name@alias``, ``models:/name/N``, ``runs:/...``).
         device: ``"auto"`` (CUDA when the replica has a GPU), ``"cpu"`` or ``"cuda"``.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast); None: bf16 on CUDA, fp32 on the CPU.
     """
 
-    def __init__(self, model: str, device: str = "auto") -> None:
+    def __init__(self, model: str, device: str = "auto", precision: str | None = None) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         directory = resolve_model(model)
-        self.predictor = Predictor.from_pretrained(directory, device=device)
+        self.predictor = Predictor.from_pretrained(directory, device=device, precision=precision)
         self.model_threshold = self.predictor.mask_threshold
         self.identity = describe_model(str(model), directory, self.predictor)
         self.settings = BatchSettings()
@@ -272,6 +273,7 @@ class GroundingModel:
         return {
             **asdict(self.identity),
             "device": str(self.predictor.device),
+            "precision": self.predictor.precision,
             "torch_threads": torch.get_num_threads(),
             "mask_threshold": self.predictor.mask_threshold,
             "batching": asdict(self.settings),

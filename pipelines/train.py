@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-from ray.data import DataContext
+from ray.data import DataContext, RandomSeedConfig
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -22,7 +22,7 @@ from pipelines.evaluate import EVAL_COLUMNS
 from pipelines.manifest import read_manifest
 from pipelines.ray_runtime import ensure_ray
 from pipelines.train_config import TrainConfig
-from pipelines.train_loop import train_loop_per_worker
+from pipelines.train_loop import STATE_FILE, train_loop_per_worker
 from vglaw import ExpressionTokenizer
 from vglaw.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from vglaw.tokenizer import VOCAB_FILE
@@ -105,8 +105,14 @@ def run_training(config: TrainConfig) -> TrainingSummary:
     # The run prints one progress line per epoch; Ray Data's per-operator bars would bury them.
     DataContext.get_current().enable_progress_bars = False
     train = read_split(config.data.path, config.data.train_split, columns=TRAINING_COLUMNS)
+    # NOTE: one block order fixed by the seed, streamed in that order, so that each worker receives the same rows
+    # in the same order every epoch and after every restart; the per-epoch shuffle is the workers' local one,
+    # seeded by (seed, epoch, rank). A resumed run thus sees exactly the batches the uninterrupted run would.
+    block_seed = RandomSeedConfig(seed=config.run.seed, reseed_after_execution=False)
     # Exactly steps_per_epoch global batches per epoch: every worker reports equally often.
-    train = train.randomize_block_order().limit(steps_per_epoch * config.optim.global_batch_size)
+    train = train.randomize_block_order(seed=block_seed).limit(steps_per_epoch * config.optim.global_batch_size)
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True  # the splitter then deals blocks to workers by row count, not by timing
     val = read_split(config.data.path, config.data.val_split, columns=list(EVAL_COLUMNS))
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -121,7 +127,8 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         scaling_config=ScalingConfig(
             num_workers=config.run.num_workers,
             use_gpu=config.run.use_gpu,
-            resources_per_worker={"CPU": config.run.cpus_per_worker},
+            resources_per_worker={"CPU": config.run.cpus_per_worker, **config.run.worker_resources},
+            placement_strategy=config.run.placement_strategy,
         ),
         run_config=RunConfig(
             name=config.run.name,
@@ -130,7 +137,7 @@ def run_training(config: TrainConfig) -> TrainingSummary:
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.num_checkpoints_to_keep),
         ),
         datasets={"train": train, "val": val},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ordered}),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -138,7 +145,7 @@ def run_training(config: TrainConfig) -> TrainingSummary:
     model_dir = config.run.storage_dir / config.run.name / "model"
     with result.checkpoint.as_directory() as directory:
         _copy_model_dir(Path(directory), model_dir)
-        state = json.loads((Path(directory) / "train_state.json").read_text())
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     version = tracker.finish(model_dir, metrics) if tracker else None
     print(f"[vglaw-train] done: step {state['step']}, model in {model_dir}", flush=True)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from vglaw.losses import LossWeights
+from vglaw.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from vglaw.config import VGLAWConfig
@@ -94,7 +95,12 @@ class RunSection:
     experiment: str = "vglaw"
     num_workers: int = 2
     use_gpu: bool = False
+    precision: str | None = None  # fp32 / bf16 (autocast); None: bf16 on GPU workers, fp32 on CPU ones
     cpus_per_worker: float = 1.0
+    # Further Ray resources each training worker needs, e.g. {"accelerator_type:A100": 0.001} or a custom
+    # resource that only the training nodes advertise; they decide where the workers can land.
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    placement_strategy: str = "PACK"  # of the workers' placement group: PACK, SPREAD or STRICT_SPREAD
     storage_path: str = "runs"  # Ray Train checkpoints; relative paths are under the repository root
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
     num_checkpoints_to_keep: int = 2
@@ -108,6 +114,14 @@ class RunSection:
     def __post_init__(self) -> None:
         if self.num_workers <= 0:
             raise ValueError("run.num_workers must be positive")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD"):
+            raise ValueError(
+                f"run.placement_strategy must be PACK, SPREAD or STRICT_SPREAD, got {self.placement_strategy!r}"
+            )
+        if any(value < 0 for value in self.worker_resources.values()) or "CPU" in self.worker_resources:
+            raise ValueError("run.worker_resources takes non-negative amounts, and CPUs go in run.cpus_per_worker")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"run.precision must be one of {list(PRECISIONS)} or null, got {self.precision!r}")
         if not self.name or "/" in self.name:
             raise ValueError("run.name must be a non-empty name without '/'")
 

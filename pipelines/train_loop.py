@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -25,6 +26,7 @@ from vglaw import ExpressionTokenizer, create_model, save_pretrained
 from vglaw.checkpoint import WEIGHTS_FILE
 from vglaw.losses import GroundingLoss
 from vglaw.model import VGLAW
+from vglaw.precision import Precision, autocast, resolve_precision
 from vglaw.transforms import normalize
 from vglaw.weights import load_bert_weights, load_vit_weights
 
@@ -47,12 +49,14 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     grad_clip: float | None,
-    autocast_dtype: torch.dtype | None,
+    precision: Precision = "fp32",
 ) -> dict[str, torch.Tensor]:
-    """One optimiser step; returns the loss terms as device tensors (no host sync here)."""
+    """One optimiser step; returns the loss terms as device tensors (no host sync here).
+
+    The forward pass runs under ``precision``'s autocast; the losses leave it and stay fp32.
+    """
     images = normalize(batch.images)
-    device_type = images.device.type
-    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with autocast(precision, images.device):
         out = model(images, batch.input_ids, batch.attention_mask)
     losses = criterion(
         out.boxes,
@@ -100,21 +104,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             position = _load_training_state(Path(directory), model, optimizer, scheduler, rank)
+        if rank == 0:
+            print(
+                f"[vglaw-train] resuming from step {position.step} (epoch {position.epoch + 1}, batch "
+                f"{position.batch_in_epoch})",
+                flush=True,
+            )
     # NOTE: wrapping happens here and only here: device placement, then DDP (prepare_model), then compile.
     device = ray.train.torch.get_device()
     ddp_model = ray.train.torch.prepare_model(model)
     if config.model.compile:
         ddp_model = torch.compile(ddp_model)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    precision = resolve_precision(config.run.precision, device)
     criterion = GroundingLoss(config.loss)
     logger = _RankZeroLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"), rank)
-    rng = np.random.default_rng([config.run.seed, rank, position.epoch, position.batch_in_epoch])
+    nodes = _worker_nodes(world)
+    logger.say(f"{world} workers on {len(set(nodes))} node(s), {precision}, compile {config.model.compile}")
+    logger.tag("ray.worker_nodes", json.dumps(nodes))
 
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     total_steps = steps_per_epoch * config.optim.epochs
     if position.step == 0:
-        metrics = validate_on_worker(model, tokenizer, val_data, rank, world, config.batch_per_worker)
+        metrics = validate_on_worker(model, tokenizer, val_data, rank, world, config.batch_per_worker, precision)
         logger.log({f"val/{k}": v for k, v in metrics.items()}, step=0)
         logger.say(f"step 0: val {_fmt(metrics)}")
         ray.train.report({"epoch": 0, "step": 0, **{f"val/{k}": v for k, v in metrics.items()}})
@@ -129,15 +141,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             batch_format="numpy",
             drop_last=True,
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=_seed_of(config.run.seed, position.epoch, rank),
         )
         for index, raw in enumerate(batches):
             if index < position.batch_in_epoch or index >= steps_per_epoch:
                 continue  # already trained on before a restart, or beyond the planned steps
+            # Flips are a function of (seed, epoch, rank, batch), so a resumed epoch flips as the first try did.
+            rng = np.random.default_rng([config.run.seed, position.epoch, rank, index])
             batch = collate_rows(raw, tokenizer, rng, config.data.hflip_prob).to(device)
             step_start = time.perf_counter()
-            losses = train_step(
-                ddp_model, batch, criterion, optimizer, scheduler, config.optim.grad_clip, autocast_dtype
-            )
+            losses = train_step(ddp_model, batch, criterion, optimizer, scheduler, config.optim.grad_clip, precision)
             position.step += 1
             position.batch_in_epoch = index + 1
             epoch_images += len(batch) * world
@@ -153,7 +166,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _report_with_checkpoint(model, tokenizer, optimizer, scheduler, position, rank, {})
         position.epoch += 1
         position.batch_in_epoch = 0
-        val = validate_on_worker(model, tokenizer, val_data, rank, world, config.batch_per_worker)
+        val = validate_on_worker(model, tokenizer, val_data, rank, world, config.batch_per_worker, precision)
         elapsed = time.perf_counter() - epoch_start
         throughput = epoch_images / max(elapsed, 1e-9)
         done = position.step - steps_at_start
@@ -214,6 +227,21 @@ def _load_training_state(
     return Position(**json.loads((directory / STATE_FILE).read_text()))
 
 
+def _seed_of(*parts: int) -> int:
+    """A 32-bit seed derived from ``parts`` (Ray Data's shuffle takes a plain integer)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every worker, in rank order (a collective: every rank calls it)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[Any] = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -253,6 +281,10 @@ class _RankZeroLogger:
 
             mlflow.set_tracking_uri(tracking_uri)  # this worker's process: where pipelines.tracking logs
             self.client = MlflowClient(tracking_uri)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.client.set_tag(self.run_id, key, value)
 
     def say(self, line: str) -> None:
         if self.active:

@@ -13,6 +13,7 @@ from pipelines.evaluate import evaluate_batches
 from vglaw import ExpressionTokenizer, Predictor
 from vglaw.metrics import GroundingMetrics
 from vglaw.model import VGLAW
+from vglaw.precision import Precision
 
 
 def rows_of_rank(data: Any, rank: int, world: int, batch_size: int) -> Iterator[pa.Table]:
@@ -26,11 +27,17 @@ def rows_of_rank(data: Any, rank: int, world: int, batch_size: int) -> Iterator[
 
 
 def validate_on_worker(
-    model: VGLAW, tokenizer: ExpressionTokenizer, data: Any, rank: int, world: int, batch_size: int
+    model: VGLAW,
+    tokenizer: ExpressionTokenizer,
+    data: Any,
+    rank: int,
+    world: int,
+    batch_size: int,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """Score this worker's share of the split, then merge every worker's state: all ranks get the totals."""
     was_training = model.training
-    predictor = Predictor(model, tokenizer, batch_size=batch_size)
+    predictor = Predictor(model, tokenizer, batch_size=batch_size, precision=precision)
     metrics = GroundingMetrics()
     evaluate_batches(predictor, rows_of_rank(data, rank, world, batch_size), metrics)
     model.train(was_training)

@@ -115,7 +115,7 @@ def test_a_training_step_learns_the_referred_category() -> None:
     )
     criterion = GroundingLoss(config.loss)
     before = model.box_head.category.weight.detach().clone()
-    losses = train_step(model, batch, criterion, optimizer, scheduler, config.optim.grad_clip, None)
+    losses = train_step(model, batch, criterion, optimizer, scheduler, config.optim.grad_clip)
     assert {"category", "attention", "loss_det", "loss_seg"} <= set(losses)
     assert not torch.equal(model.box_head.category.weight, before)
     expected = losses["loss_det"] + losses["loss_seg"] + config.loss.attention * losses["attention"]

@@ -209,16 +209,17 @@ def test_a_killed_encoder_worker_loses_and_duplicates_nothing(ray_local: None, t
 
 def test_a_retried_chunk_rewrites_its_skips_rather_than_repeating(quirky_refer: QuirkyRefer, tmp_path: Path) -> None:
     from pipelines.image_rows import build_image_tasks, pack_tasks
-    from pipelines.preprocess import _encode_batch, _read_skips
+    from pipelines.preprocess import _encode_batch, _read_chunk_records
     from pipelines.refer import ReferDataset
 
     config = _config(quirky_refer, tmp_path / "out")
     tasks = build_image_tasks(ReferDataset.load(config.source))
     batch = {"chunk": np.array([7]), "tasks": np.array([pack_tasks(tasks)], dtype=object)}
     kwargs = dict(image_root=str(quirky_refer.image_root), image_size=64, image_format="jpeg", strict=False)
-    first = _encode_batch(batch, **kwargs, skip_dir=str(tmp_path))
-    again = _encode_batch(batch, **kwargs, skip_dir=str(tmp_path))  # as Ray does after a lost worker
+    first = _encode_batch(batch, **kwargs, chunk_dir=str(tmp_path))
+    again = _encode_batch(batch, **kwargs, chunk_dir=str(tmp_path))  # as Ray does after a lost worker
     assert first.equals(again) and first.num_rows > 0
     assert [p.name for p in tmp_path.glob("chunk-*")] == ["chunk-000007.json"]
-    skips = _read_skips(tmp_path)
+    skips, nodes = _read_chunk_records(tmp_path)
     assert skips and len({json.dumps(s, sort_keys=True) for s in skips}) == len(skips)
+    assert nodes == {"local": len(tasks)}  # the chunk's images, counted once

@@ -10,15 +10,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from pipelines.train_config import load_config
+from tests.pipelines.train_harness import descendants_named, registered_checkpoints, wait_for_checkpoint
+from vglaw.checkpoint import WEIGHTS_FILE
 from vglaw.losses import LossWeights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,44 +134,36 @@ def test_two_workers_learn_and_everything_is_tracked(workspace) -> None:
     np.testing.assert_allclose(np.asarray(answer["box"].iloc[0], dtype=float), direct.box, atol=1e-3)
 
 
-def _descendants_named(pid: int, fragment: str) -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if fragment in " ".join(child.cmdline()) or fragment in child.name():
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
-
-
 @pytest.mark.slow
-def test_killed_worker_resumes_from_checkpoint(workspace) -> None:
+def test_killed_worker_resumes_exactly_where_the_uninterrupted_run_goes(workspace) -> None:
+    """A worker killed mid-epoch resumes from the last checkpoint and ends on the very weights that the same run
+    left alone reaches: same data order, flips, dropout and optimiser state (fp32 on the CPU, bit for bit)."""
+    overrides = ["optim.epochs=2", "optim.max_steps_per_epoch=12", "run.checkpoint_every_steps=4", "run.overlays=0"]
+    _run(_train_args(workspace, "uninterrupted", *overrides), _env(workspace), 600)
+
     name = "killed"
-    args = _train_args(
-        workspace, name, "optim.epochs=2", "optim.max_steps_per_epoch=40", "run.checkpoint_every_steps=4",
-        "run.overlays=0",
-    )  # fmt: skip
     log = open(workspace["root"] / "killed.log", "w")  # noqa: SIM115
+    args = _train_args(workspace, name, *overrides)
     driver = subprocess.Popen(args, cwd=REPO, env=_env(workspace), stdout=log, stderr=subprocess.STDOUT)
     run_dir = workspace["runs"] / name
-    deadline = time.time() + 400
-    killed = None
-    while time.time() < deadline and driver.poll() is None and killed is None:
-        if any(run_dir.glob("checkpoint_*")):
-            workers = _descendants_named(driver.pid, "RayTrainWorker")
-            if workers:
-                killed = workers[-1]
-                os.kill(killed.pid, signal.SIGKILL)
-        time.sleep(0.5)
-    assert killed is not None, "no checkpoint and training worker to kill appeared"
+    wait_for_checkpoint(driver, run_dir, timeout=400)
+    [killed, *_] = descendants_named(driver.pid, "RayTrainWorker")
+    os.kill(killed.pid, signal.SIGKILL)
     assert driver.wait(timeout=600) == 0, (workspace["root"] / "killed.log").read_text()[-4000:]
     assert not killed.is_running()
     text = (workspace["root"] / "killed.log").read_text()
-    config = load_config(REPO / "configs/test.yaml", ["optim.epochs=2", "optim.max_steps_per_epoch=40"])
+    resumed_at = registered_checkpoints(run_dir)[0]["metrics"]["step"]
+    assert resumed_at > 0 and f"resuming from step {resumed_at} " in text, text[-3000:]
+    config = load_config(REPO / "configs/test.yaml", overrides[:2])
     planned = 2 * _steps_per_epoch(workspace, config)
     assert f"done: step {planned}," in text, text[-3000:]
     assert len(_runs_named(workspace, name)) == 1
+
+    resumed = load_file(str(run_dir / "model" / WEIGHTS_FILE))
+    reference = load_file(str(workspace["runs"] / "uninterrupted" / "model" / WEIGHTS_FILE))
+    assert resumed.keys() == reference.keys()
+    differing = [key for key in reference if not torch.equal(resumed[key], reference[key])]
+    assert not differing, f"{len(differing)} of {len(reference)} tensors differ, e.g. {differing[:5]}"
 
 
 def _steps_per_epoch(ws: dict[str, Path], config) -> int:
@@ -186,7 +180,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_against_a_head_node(workspace) -> None:
+def test_ray_job_submit_against_a_head_node_with_the_compiled_model(workspace) -> None:
+    """``ray job submit`` of a run with ``model.compile=true``: torch.compile (inductor on the CPU) through DDP."""
     env = _env(workspace)
     env.pop("RAY_ADDRESS")
     # The head node requires Ray's token authentication, as a real cluster should (docs/cluster.md).
@@ -208,9 +203,13 @@ def test_ray_job_submit_against_a_head_node(workspace) -> None:
         submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json",
                   runtime_env, "--", "python", "-m", "jobs.train", "--config", "configs/test.yaml",
                   f"data.path={workspace['data']}", f"run.storage_path={workspace['runs']}", "run.name=submitted",
-                  "optim.epochs=1", "optim.max_steps_per_epoch=3", "run.overlays=0"]  # fmt: skip
-        first = _run(submit, env, 600)
+                  "optim.epochs=1", "optim.max_steps_per_epoch=3", "run.overlays=0", "model.compile=true"]  # fmt: skip
+        first = _run(submit, env, 900)
         assert "succeeded" in first.stdout.lower() and "done: step 3," in first.stdout
+        assert "2 workers on 1 node(s), fp32, compile True" in first.stdout
+        (run,) = _runs_named(workspace, "submitted")
+        losses = [m.value for m in _client(workspace).get_metric_history(run.info.run_id, "train/loss")]
+        assert losses and np.isfinite(losses).all()
         # Submitting the same run name again resumes the finished run: no new steps, the same MLflow run.
         second = _run(submit, env, 600)
         assert "resuming MLflow run" in second.stdout and "done: step 3," in second.stdout
