@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import BertConfig, BertForPreTraining, BertModel
 
+from tests.pretrained_layouts import bert_release_config
 from vglaw import ExpressionTokenizer, create_model, get_config
 from vglaw.language import LanguageBackbone
 from vglaw.safe_pickle import UnsafePickleError
@@ -302,27 +303,9 @@ def _bert_base_uncased_release(directory, hidden: int = 64, intermediate: int = 
     state |= {"cls.predictions.bias": tensor(vocab), "cls.predictions.decoder.weight": tensor(vocab, hidden)}
     state |= dense("cls.predictions.transform.dense", hidden, hidden) | layer_norm("cls.predictions.transform")
     state |= dense("cls.seq_relationship", 2, hidden)
-    config = {
-        "architectures": ["BertForMaskedLM"],
-        "attention_probs_dropout_prob": 0.1,
-        "gradient_checkpointing": False,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1,
-        "hidden_size": hidden,
-        "initializer_range": 0.02,
-        "intermediate_size": intermediate,
-        "layer_norm_eps": 1e-12,
-        "max_position_embeddings": 512,
-        "model_type": "bert",
-        "num_attention_heads": 4,
-        "num_hidden_layers": layers,
-        "pad_token_id": 0,
-        "position_embedding_type": "absolute",
-        "transformers_version": "4.6.0.dev0",
-        "type_vocab_size": 2,
-        "use_cache": True,
-        "vocab_size": vocab,
-    }
+    config = bert_release_config(
+        vocab, hidden_size=hidden, num_layers=layers, num_heads=4, intermediate_size=intermediate
+    )
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "vocab.txt").write_text("".join(f"{token}\n" for token in BERT_VOCAB))
