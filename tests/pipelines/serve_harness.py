@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import requests
 import torch
 from PIL import Image, ImageDraw
 
@@ -37,6 +40,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url``'s ``/healthz`` until it answers 200 (True), the server process ends or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
+                return True
+        except requests.RequestException:  # not listening yet, or the proxy holds requests until ready
+            pass
+        time.sleep(1)
+    return False
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:

@@ -11,17 +11,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from pipelines.train_config import load_config
-from tests.pipelines.train_harness import resumed_step, wait_for_checkpoint
+from tests.pipelines.job_harness import PY, REPO, resumed_step, synthetic_parquet, wait_for_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
-PY = sys.executable
 TRAINER = "trainer_slot"  # a resource only the training nodes have, as GPUs would be on a real cluster
 NODE_ARGS = {"num_cpus": 2, "resources": {TRAINER: 1}, "object_store_memory": 400 * 1024**2}
 
@@ -44,19 +41,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 def workspace(tmp_path_factory: pytest.TempPathFactory, cluster) -> dict:
     """The synthetic set, preprocessed at 128 px by the job running against the cluster."""
     root = tmp_path_factory.mktemp("multinode")
-    env = _env(cluster[0], root)
-    _run(
-        [PY, "-m", "jobs.synth", "--out", str(root / "raw"), "--images", "400", "--seed", "5",
-         "--min-objects", "2", "--max-objects", "3"],
-        env,
-        120,
-    )  # fmt: skip
-    _run(
-        [PY, "-m", "jobs.preprocess", "--refer-root", str(root / "raw"), "--out", str(root / "data"),
-         "--image-size", "128", "--images-per-task", "32"],
-        env,
-        300,
-    )  # fmt: skip
+    synthetic_parquet(root, _env(cluster[0], root), 400, 5, "--images-per-task", "32")
     manifest = json.loads((root / "data" / "manifest.json").read_text())
     return {"root": root, "data": root / "data", "runs": root / "runs", "manifest": manifest}
 
@@ -68,12 +53,6 @@ def _env(cluster, root: Path) -> dict[str, str]:
         MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
         RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0",
     )
-
-
-def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
 
 
 @pytest.mark.slow

@@ -14,9 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,21 +21,13 @@ import requests
 from pycocotools import mask as mask_utils
 
 from pipelines.train_config import load_config
-from tests.pipelines.serve_harness import encode, free_port
-from tests.pipelines.train_harness import descendants_named, resumed_step, wait_for_checkpoint
+from tests.pipelines.job_harness import PY, REPO, descendants_named, resumed_step, run_job, wait_for_checkpoint
+from tests.pipelines.serve_harness import encode, free_port, wait_until_healthy
 from tests.pretrained_layouts import bert_vocab, write_bert_release, write_vitdet_pkl
 from vglaw import get_config, safe_pickle
 from vglaw.vision import ViTDetBackbone
 
-REPO = Path(__file__).resolve().parents[2]
-PY = sys.executable
 CONFIG = REPO / "configs" / "refcoco.yaml"
-
-
-def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +36,7 @@ def paper_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("paper")
     env = dict(os.environ, RAY_ADDRESS="", MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
     env["RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS"] = "0"
-    _run(
+    run_job(
         [PY, "-m", "jobs.synth", "--out", str(root / "raw"), "--images", "48", "--seed", "11",
          "--min-objects", "2", "--max-objects", "3", "--refs-per-image", "1", "--sentences-per-ref", "1"],
         env,
@@ -58,7 +47,7 @@ def paper_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     refer.mkdir(parents=True)
     for name in ("refs(unc).p", "instances.json"):
         shutil.copy(root / "raw" / "synthetic" / name, refer / name)
-    _run(
+    run_job(
         [PY, "-m", "jobs.preprocess", "--dataset", "refcoco", "--split-by", "unc", "--refer-root",
          str(root / "refer"), "--image-root", str(root / "raw" / "images"), "--out", str(root / "data"),
          "--image-size", "448", "--num-cpus", "2"],
@@ -131,7 +120,7 @@ def test_the_paper_recipe_runs_end_to_end_in_bf16(paper_setup) -> None:
     # Evaluation of the registered model, in bf16.
     report_path = root / "eval" / "report.json"
     reference = f"models:/{config.run.registered_model_name}@best"
-    _run(
+    run_job(
         [PY, "-m", "jobs.evaluate", "--model", reference, "--data", str(paper_setup["data"]), "--splits",
          "val,testA", "--precision", "bf16", "--limit", "4", "--overlays", "2", "--out", str(report_path),
          "--num-cpus", "2"],
@@ -151,15 +140,7 @@ def test_the_paper_recipe_runs_end_to_end_in_bf16(paper_setup) -> None:
     server = subprocess.Popen(command, cwd=REPO, env=env, stdout=serve_log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        assert server.poll() is None, (root / "serve.log").read_text()[-3000:]
+        assert wait_until_healthy(url, server, timeout=300), (root / "serve.log").read_text()[-3000:]
         image_path = next((root / "raw" / "images").glob("*.jpg"))
         from PIL import Image
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from jobs.serve import build_parser, main, settings_args
-from tests.pipelines.serve_harness import encode, free_port, save_tiny_model, shapes_image
+from tests.pipelines.serve_harness import encode, free_port, save_tiny_model, shapes_image, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,14 +70,7 @@ def test_serves_until_interrupted(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or the proxy holds requests until ready
-                pass
-            time.sleep(1)
-        assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        assert wait_until_healthy(url, process, timeout=180), (tmp_path / "serve.log").read_text()[-3000:]
         files = {"image": ("x.png", encode(shapes_image(90, 60)))}
         assert requests.post(f"{url}/v1/ground", files=files, data={"expression": "a"}).status_code == 401
         response = requests.post(

@@ -9,7 +9,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,37 +18,24 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipelines.train_config import load_config
-from tests.pipelines.train_harness import descendants_named, registered_checkpoints, wait_for_checkpoint
+from tests.pipelines.job_harness import (
+    PY,
+    REPO,
+    descendants_named,
+    registered_checkpoints,
+    run_job,
+    synthetic_parquet,
+    wait_for_checkpoint,
+)
 from vglaw.checkpoint import WEIGHTS_FILE
 from vglaw.losses import LossWeights
-
-REPO = Path(__file__).resolve().parents[2]
-PY = sys.executable
-
-
-def _run(args: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small synthetic dataset preprocessed for the tiny preset, and an isolated MLflow store."""
     root = tmp_path_factory.mktemp("train")
-    env = dict(os.environ, RAY_ADDRESS="")
-    _run(
-        [PY, "-m", "jobs.synth", "--out", str(root / "raw"), "--images", "500", "--seed", "3",
-         "--min-objects", "2", "--max-objects", "3"],
-        env,
-        120,
-    )  # fmt: skip
-    _run(
-        [PY, "-m", "jobs.preprocess", "--refer-root", str(root / "raw"), "--out", str(root / "data"),
-         "--image-size", "128", "--num-cpus", "2"],
-        env,
-        300,
-    )  # fmt: skip
+    synthetic_parquet(root, dict(os.environ, RAY_ADDRESS=""), 500, 3, "--num-cpus", "2")
     return {"root": root, "data": root / "data", "mlflow": root / "mlflow.db", "runs": root / "runs"}
 
 
@@ -84,7 +70,7 @@ def _runs_named(ws: dict[str, Path], name: str) -> list:
 
 @pytest.mark.slow
 def test_two_workers_learn_and_everything_is_tracked(workspace) -> None:
-    _run(_train_args(workspace, "learns"), _env(workspace), 900)
+    run_job(_train_args(workspace, "learns"), _env(workspace), 900)
     (run,) = _runs_named(workspace, "learns")
     client = _client(workspace)
     config = load_config(REPO / "configs/test.yaml")
@@ -139,7 +125,7 @@ def test_killed_worker_resumes_exactly_where_the_uninterrupted_run_goes(workspac
     """A worker killed mid-epoch resumes from the last checkpoint and ends on the very weights that the same run
     left alone reaches: same data order, flips, dropout and optimiser state (fp32 on the CPU, bit for bit)."""
     overrides = ["optim.epochs=2", "optim.max_steps_per_epoch=12", "run.checkpoint_every_steps=4", "run.overlays=0"]
-    _run(_train_args(workspace, "uninterrupted", *overrides), _env(workspace), 600)
+    run_job(_train_args(workspace, "uninterrupted", *overrides), _env(workspace), 600)
 
     name = "killed"
     log = open(workspace["root"] / "killed.log", "w")  # noqa: SIM115
@@ -190,7 +176,7 @@ def test_ray_job_submit_against_a_head_node_with_the_compiled_model(workspace) -
     env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env.get('PATH', '')}"
     gcs, dashboard = _free_port(), _free_port()
     ray_bin = str(Path(PY).parent / "ray")
-    _run(
+    run_job(
         [ray_bin, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--temp-dir={workspace['root'] / 'ray'}"],
@@ -204,14 +190,14 @@ def test_ray_job_submit_against_a_head_node_with_the_compiled_model(workspace) -
                   runtime_env, "--", "python", "-m", "jobs.train", "--config", "configs/test.yaml",
                   f"data.path={workspace['data']}", f"run.storage_path={workspace['runs']}", "run.name=submitted",
                   "optim.epochs=1", "optim.max_steps_per_epoch=3", "run.overlays=0", "model.compile=true"]  # fmt: skip
-        first = _run(submit, env, 900)
+        first = run_job(submit, env, 900)
         assert "succeeded" in first.stdout.lower() and "done: step 3," in first.stdout
         assert "2 workers on 1 node(s), fp32, compile True" in first.stdout
         (run,) = _runs_named(workspace, "submitted")
         losses = [m.value for m in _client(workspace).get_metric_history(run.info.run_id, "train/loss")]
         assert losses and np.isfinite(losses).all()
         # Submitting the same run name again resumes the finished run: no new steps, the same MLflow run.
-        second = _run(submit, env, 600)
+        second = run_job(submit, env, 600)
         assert "resuming MLflow run" in second.stdout and "done: step 3," in second.stdout
         assert len(_runs_named(workspace, "submitted")) == 1
     finally:

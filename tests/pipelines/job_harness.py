@@ -1,14 +1,43 @@
-"""Driving a training job from a test: its worker processes, and the moment a checkpoint is safe to resume from."""
+"""Driving the project's jobs from tests: running them, a synthetic dataset to feed them, a training run's
+worker processes, and the moment its checkpoint is safe to resume from."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def run_job(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command from the repository root; fails the test with its output if it fails."""
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def synthetic_parquet(root: Path, env: dict[str, str], images: int, seed: int, *preprocess_args: str) -> Path:
+    """The synthetic set (2-3 shapes per image) in ``root/raw``, preprocessed at 128 px into ``root/data``."""
+    run_job(
+        [PY, "-m", "jobs.synth", "--out", str(root / "raw"), "--images", str(images), "--seed", str(seed),
+         "--min-objects", "2", "--max-objects", "3"],
+        env,
+        120,
+    )  # fmt: skip
+    run_job(
+        [PY, "-m", "jobs.preprocess", "--refer-root", str(root / "raw"), "--out", str(root / "data"),
+         "--image-size", "128", *preprocess_args],
+        env,
+        300,
+    )  # fmt: skip
+    return root / "data"
 
 
 def descendants_named(pid: int, fragment: str) -> list[psutil.Process]:
