@@ -168,13 +168,17 @@ def test_settings_from_command_line_args(monkeypatch: pytest.MonkeyPatch) -> Non
         ServeSettings.from_args({"model": "m", "min_replicas": 3, "max_replicas": 2})
     with pytest.raises(ValueError, match="model is required"):
         ServeSettings.from_args({"model": ""})
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ServeSettings.from_args({"model": "m", "precision": "fp16"})
 
     monkeypatch.setenv("VGLAW_SERVE_TOKEN", "from-env")
     # NOTE: Serve has no public accessor for a built application's deployments, hence the private attributes.
     ingress = build_app({"model": "m", "min_replicas": "1", "max_replicas": "3"})._bound_deployment
     model = ingress.init_args[0]._bound_deployment
     assert (ingress.name, ingress.init_args[1]) == ("GroundingAPI", "from-env")
-    assert (model.name, model.init_args) == ("GroundingModel", ("m", "auto"))
+    assert (model.name, model.init_args) == ("GroundingModel", ("m", "auto", None))
+    bf16 = build_app({"model": "m", "device": "cpu", "precision": "bf16"})._bound_deployment.init_args[0]
+    assert bf16._bound_deployment.init_args == ("m", "cpu", "bf16")
     autoscaling = model._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
     assert model.user_config == {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "mask_threshold": None}

@@ -212,3 +212,14 @@ def test_every_shipped_config_is_valid(path: Path) -> None:
         assert (config.optim.lr_backbone, config.optim.lr_head, config.optim.weight_decay) == (4e-5, 4e-4, 1e-4)
         assert config.optim.decay_epochs == (10, 60) and config.optim.global_batch_size == 256
         assert config.loss == LossWeights()  # the paper's objective: no attention term
+
+
+def test_precision_and_placement_settings_are_checked() -> None:
+    assert load_config(None).run.precision is None  # the device decides: bf16 on GPU workers, fp32 on CPU ones
+    assert load_config(None, ["run.precision=bf16"]).run.precision == "bf16"
+    with pytest.raises(ValueError, match=r"run\.precision must be one of"):
+        load_config(None, ["run.precision=fp16"])
+    with pytest.raises(ValueError, match="placement_strategy"):
+        load_config(None, ["run.placement_strategy=ANYWHERE"])
+    with pytest.raises(ValueError, match="cpus_per_worker"):
+        load_config(None, ["run.worker_resources={CPU: 2}"])
