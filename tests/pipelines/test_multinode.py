@@ -41,7 +41,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 def workspace(tmp_path_factory: pytest.TempPathFactory, cluster) -> dict:
     """The synthetic set, preprocessed at 128 px by the job running against the cluster."""
     root = tmp_path_factory.mktemp("multinode")
-    synthetic_parquet(root, _env(cluster[0], root), 400, 5, "--images-per-task", "32")
+    synthetic_parquet(root, _env(cluster[0], root), 300, 5, "--images-per-task", "32")
     manifest = json.loads((root / "data" / "manifest.json").read_text())
     return {"root": root, "data": root / "data", "runs": root / "runs", "manifest": manifest}
 
@@ -72,7 +72,7 @@ def test_a_lost_node_is_replaced_and_the_run_completes_its_planned_steps(cluster
 
     cluster_, workers = cluster
     root, name = workspace["root"], "lost-node"
-    overrides = ["optim.epochs=2", "optim.max_steps_per_epoch=10"]
+    overrides = ["optim.epochs=1", "optim.max_steps_per_epoch=12"]
     args = [
         PY, "-m", "jobs.train", "--config", "configs/test.yaml", f"data.path={workspace['data']}",
         f"run.storage_path={workspace['runs']}", f"run.name={name}", *overrides, "run.checkpoint_every_steps=3",

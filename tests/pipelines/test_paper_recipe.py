@@ -81,7 +81,7 @@ def test_the_paper_recipe_runs_end_to_end_in_bf16(paper_setup) -> None:
         "run.precision=bf16",
         f"run.storage_path={root / 'runs'}",
         "run.checkpoint_every_steps=2",
-        "run.overlays=2",
+        "run.overlays=0",
         "optim.global_batch_size=2",
         "optim.epochs=1",
         "optim.max_steps_per_epoch=4",
@@ -122,13 +122,13 @@ def test_the_paper_recipe_runs_end_to_end_in_bf16(paper_setup) -> None:
     reference = f"models:/{config.run.registered_model_name}@best"
     run_job(
         [PY, "-m", "jobs.evaluate", "--model", reference, "--data", str(paper_setup["data"]), "--splits",
-         "val,testA", "--precision", "bf16", "--limit", "4", "--overlays", "2", "--out", str(report_path),
+         "val", "--precision", "bf16", "--limit", "4", "--overlays", "2", "--out", str(report_path),
          "--num-cpus", "2"],
         env,
         600,
     )  # fmt: skip
     report = json.loads(report_path.read_text())
-    for split in ("val", "testA"):
+    for split in ("val",):
         metrics = report["splits"][split]["metrics"]
         assert report["splits"][split]["count"] == 4 and 0.0 <= metrics["prec@0.5"] <= 1.0, report["splits"][split]
 

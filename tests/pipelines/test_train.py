@@ -22,7 +22,7 @@ from tests.pipelines.job_harness import (
     PY,
     REPO,
     descendants_named,
-    registered_checkpoints,
+    resumed_step,
     run_job,
     synthetic_parquet,
     wait_for_checkpoint,
@@ -69,8 +69,10 @@ def _runs_named(ws: dict[str, Path], name: str) -> list:
 
 
 @pytest.mark.slow
-def test_two_workers_learn_and_everything_is_tracked(workspace) -> None:
-    run_job(_train_args(workspace, "learns"), _env(workspace), 900)
+def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None:
+    # Compiled, as GPU runs are: torch.compile (inductor on the CPU) wraps the DDP model, and it still learns.
+    result = run_job(_train_args(workspace, "learns", "model.compile=true"), _env(workspace), 1200)
+    assert "2 workers on 1 node(s), fp32, compile True" in result.stdout + result.stderr
     (run,) = _runs_named(workspace, "learns")
     client = _client(workspace)
     config = load_config(REPO / "configs/test.yaml")
@@ -124,7 +126,7 @@ def test_two_workers_learn_and_everything_is_tracked(workspace) -> None:
 def test_killed_worker_resumes_exactly_where_the_uninterrupted_run_goes(workspace) -> None:
     """A worker killed mid-epoch resumes from the last checkpoint and ends on the very weights that the same run
     left alone reaches: same data order, flips, dropout and optimiser state (fp32 on the CPU, bit for bit)."""
-    overrides = ["optim.epochs=2", "optim.max_steps_per_epoch=12", "run.checkpoint_every_steps=4", "run.overlays=0"]
+    overrides = ["optim.epochs=2", "optim.max_steps_per_epoch=6", "run.checkpoint_every_steps=2", "run.overlays=0"]
     run_job(_train_args(workspace, "uninterrupted", *overrides), _env(workspace), 600)
 
     name = "killed"
@@ -138,11 +140,10 @@ def test_killed_worker_resumes_exactly_where_the_uninterrupted_run_goes(workspac
     assert driver.wait(timeout=600) == 0, (workspace["root"] / "killed.log").read_text()[-4000:]
     assert not killed.is_running()
     text = (workspace["root"] / "killed.log").read_text()
-    resumed_at = registered_checkpoints(run_dir)[0]["metrics"]["step"]
-    assert resumed_at > 0 and f"resuming from step {resumed_at} " in text, text[-3000:]
     config = load_config(REPO / "configs/test.yaml", overrides[:2])
     planned = 2 * _steps_per_epoch(workspace, config)
     assert f"done: step {planned}," in text, text[-3000:]
+    assert 0 < resumed_step(text) < planned, text[-3000:]  # from a checkpoint, not from the start
     assert len(_runs_named(workspace, name)) == 1
 
     resumed = load_file(str(run_dir / "model" / WEIGHTS_FILE))
@@ -166,8 +167,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_against_a_head_node_with_the_compiled_model(workspace) -> None:
-    """``ray job submit`` of a run with ``model.compile=true``: torch.compile (inductor on the CPU) through DDP."""
+def test_ray_job_submit_against_a_head_node(workspace) -> None:
     env = _env(workspace)
     env.pop("RAY_ADDRESS")
     # The head node requires Ray's token authentication, as a real cluster should (docs/cluster.md).
@@ -189,13 +189,9 @@ def test_ray_job_submit_against_a_head_node_with_the_compiled_model(workspace) -
         submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json",
                   runtime_env, "--", "python", "-m", "jobs.train", "--config", "configs/test.yaml",
                   f"data.path={workspace['data']}", f"run.storage_path={workspace['runs']}", "run.name=submitted",
-                  "optim.epochs=1", "optim.max_steps_per_epoch=3", "run.overlays=0", "model.compile=true"]  # fmt: skip
-        first = run_job(submit, env, 900)
+                  "optim.epochs=1", "optim.max_steps_per_epoch=3", "run.overlays=0"]  # fmt: skip
+        first = run_job(submit, env, 600)
         assert "succeeded" in first.stdout.lower() and "done: step 3," in first.stdout
-        assert "2 workers on 1 node(s), fp32, compile True" in first.stdout
-        (run,) = _runs_named(workspace, "submitted")
-        losses = [m.value for m in _client(workspace).get_metric_history(run.info.run_id, "train/loss")]
-        assert losses and np.isfinite(losses).all()
         # Submitting the same run name again resumes the finished run: no new steps, the same MLflow run.
         second = run_job(submit, env, 600)
         assert "resuming MLflow run" in second.stdout and "done: step 3," in second.stdout
