@@ -20,7 +20,7 @@ from pipelines.eval_report import (
 )
 from pipelines.evaluate import SplitEvaluation, evaluate_splits, read_chunk
 from pipelines.ray_runtime import ensure_ray
-from vglaw.precision import PRECISIONS
+from vglaw.precision import check_precision
 
 __all__ = ["EvaluationConfig", "EvaluationOutputs", "log_evaluation", "run_evaluation"]
 
@@ -70,8 +70,7 @@ class EvaluationConfig:
             raise ValueError("num_actors and batch_size must be >= 1")
         if self.num_cpus_per_actor <= 0 or self.num_gpus_per_actor < 0:
             raise ValueError("num_cpus_per_actor must be > 0 and num_gpus_per_actor >= 0")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)} or None, got {self.precision!r}")
+        check_precision(self.precision)
         if self.mask_threshold is not None and not 0.0 < self.mask_threshold < 1.0:
             raise ValueError(f"mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if self.overlays < 0 or (self.limit is not None and self.limit < 1):

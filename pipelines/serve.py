@@ -56,7 +56,7 @@ from pipelines.serve_schema import (
     error_responses,
 )
 from vglaw.geometry import Letterbox
-from vglaw.precision import PRECISIONS
+from vglaw.precision import check_precision
 
 __all__ = ["INGRESS_DEPLOYMENT", "MODEL_DEPLOYMENT", "TOKEN_ENV", "GroundingAPI", "ServeSettings", "build_app"]
 
@@ -118,8 +118,7 @@ class ServeSettings:
             raise ValueError("model is required: a model directory or models:/name@alias")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)} or none, got {self.precision!r}")
+        check_precision(self.precision)
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             replicas = f"{self.min_replicas}, {self.max_replicas}"
             raise ValueError(f"need 0 <= min_replicas <= max_replicas >= 1, got {replicas}")

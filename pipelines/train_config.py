@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from vglaw.losses import LossWeights
-from vglaw.precision import PRECISIONS
+from vglaw.precision import check_precision
 
 if TYPE_CHECKING:
     from vglaw.config import VGLAWConfig
@@ -120,8 +120,7 @@ class RunSection:
             )
         if any(value < 0 for value in self.worker_resources.values()) or "CPU" in self.worker_resources:
             raise ValueError("run.worker_resources takes non-negative amounts, and CPUs go in run.cpus_per_worker")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"run.precision must be one of {list(PRECISIONS)} or null, got {self.precision!r}")
+        check_precision(self.precision, "run.precision")
         if not self.name or "/" in self.name:
             raise ValueError("run.name must be a non-empty name without '/'")
 

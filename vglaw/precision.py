@@ -15,12 +15,17 @@ Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
+def check_precision(precision: str | None, setting: str = "precision") -> None:
+    """Raise ValueError unless ``precision`` is one of :data:`PRECISIONS` or None (the device's default)."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"{setting} must be one of {list(PRECISIONS)} or null, got {precision!r}")
+
+
 def resolve_precision(precision: str | None, device: torch.device | str) -> Precision:
     """``precision`` checked, or the device's default when None: bf16 on CUDA, fp32 elsewhere."""
+    check_precision(precision)
     if precision is None:
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     return precision  # type: ignore[return-value]
 
 
