@@ -37,7 +37,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.manifest import read_manifest
+from pipelines.data.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -138,7 +138,7 @@ def _train(name: str, data: Path, work: Path, args: argparse.Namespace, epochs: 
 def read_curve(name: str) -> Curve:
     """The latest run called ``name`` in the convergence experiment, from MLflow (``name`` ends the run's
     name, which starts with the date and time of the benchmark)."""
-    from pipelines.tracking import client
+    from pipelines.tracking.runs import client
 
     mlflow = client()
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from pipelines.train_config import load_config
+    from pipelines.train.config import load_config
 
     config = load_config(REPO / args.config, args.override)
     epochs = args.epochs or config.optim.epochs
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(curves, result["chance"], args.target, PLOT)
     print(_table(curves))
     print(json.dumps({k: v for k, v in result.items()}, indent=2))
-    from pipelines.tracking import client
+    from pipelines.tracking.runs import client
 
     client().log_artifact(curves[0].run_id, str(PLOT), "convergence")
     if args.write_docs:

@@ -2,8 +2,8 @@
 
 Both paths read the same synthetic REFER dataset (COCO-sized 640x480 JPEGs by default), decode, letterbox
 to 448, JPEG-encode the canvas, rasterise and RLE-encode the masks, and write sharded Parquet. The loop
-calls the very same per-image function (:func:`pipelines.image_rows.encode_image_task`) and writes with
-pyarrow; the Ray side is :func:`pipelines.preprocess.run_preprocess` end to end (REFER parsing, manifest
+calls the very same per-image function (:func:`pipelines.data.encode.encode_image_task`) and writes with
+pyarrow; the Ray side is :func:`pipelines.data.preprocess.run_preprocess` end to end (REFER parsing, manifest
 and atomic commit included), on a local Ray started beforehand.
 
 A third path, the same chunks of work spread over ``--num-cpus`` plain processes (``multiprocessing``, no
@@ -32,10 +32,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.image_rows import ImageTask, build_image_tasks, chunk_by_split, encode_image_task, rows_to_table
-from pipelines.preprocess import PreprocessConfig, run_preprocess
-from pipelines.refer import ReferDataset, ReferSource
-from pipelines.synthetic import SyntheticConfig, generate_synthetic
+from pipelines.data.encode import ImageTask, build_image_tasks, chunk_by_split, encode_image_task, rows_to_table
+from pipelines.data.preprocess import PreprocessConfig, run_preprocess
+from pipelines.data.refer import ReferDataset, ReferSource
+from pipelines.data.synthetic.dataset import SyntheticConfig, generate_synthetic
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 

@@ -39,9 +39,9 @@ from PIL import Image, ImageDraw
 from ray import serve
 
 import vglaw
-from pipelines.serve import build_app, prepare_item
-from pipelines.serve_api import GroundRequest, RequestLimits
-from pipelines.serve_model import MODEL_DEPLOYMENT, GroundingItem, encode_mask
+from pipelines.serve.app import build_app, prepare_item
+from pipelines.serve.model import MODEL_DEPLOYMENT, GroundingItem, mask_payload
+from pipelines.serve.requests import GroundRequest, RequestLimits
 
 EXPRESSION = "the small red circle left of the blue square"
 
@@ -95,7 +95,7 @@ def direct_baseline(model_dir: Path, device: str, threads: int, data: bytes, dur
 
     def one() -> None:
         result = predictor.predict(Image.open(io.BytesIO(data)), EXPRESSION)
-        encode_mask(result.mask, "rle")
+        mask_payload(result.mask, "rle")
 
     for _ in range(3):
         one()
@@ -109,7 +109,7 @@ def direct_baseline(model_dir: Path, device: str, threads: int, data: bytes, dur
     predictor.batch_size = batch
     t = time.perf_counter()
     for result in predictor.predict(images, [EXPRESSION] * batch):
-        encode_mask(result.mask, "rle")
+        mask_payload(result.mask, "rle")
     batched = batch / (time.perf_counter() - t)
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     point = Point("direct Predictor", 1, len(latencies), 0, elapsed, p50, p99, mean_batch=1)

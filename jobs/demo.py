@@ -91,7 +91,7 @@ def _dataset_matches() -> bool:
 
 
 def _parquet_matches() -> bool:
-    from pipelines.manifest import read_manifest
+    from pipelines.data.manifest import read_manifest
 
     manifest = REPO / DATA / "manifest.json"
     if not manifest.is_file():
@@ -103,7 +103,7 @@ def _parquet_matches() -> bool:
 
 def _held_out_query() -> dict[str, Any]:
     """The first testB expression with its original image and true box (xyxy)."""
-    from pipelines.dataset_io import read_split_table
+    from pipelines.data.parquet import read_split_table
 
     row = read_split_table(REPO / DATA, "testB", columns=["expression", "file_name", "box_xywh"]).slice(0, 1)
     row = row.to_pylist()[0]
@@ -141,7 +141,7 @@ def _draw(query: dict[str, Any], answer: dict[str, Any], path: Path) -> Path:
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from pipelines.eval_report import overlay_grid
+    from pipelines.evaluate.report import overlay_grid
 
     image = Image.open(query["image"]).convert("RGB")
     mask = None

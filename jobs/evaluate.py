@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.eval_stage import EvaluationConfig, log_evaluation, run_evaluation
-from pipelines.ray_runtime import ensure_ray
+from pipelines.evaluate.stage import EvaluationConfig, log_evaluation, run_evaluation
+from pipelines.runtime import ensure_ray
 from vglaw.precision import PRECISIONS
 
 

@@ -16,15 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.preprocess import (
+from pipelines.data.preprocess import (
     PreprocessConfig,
     PreprocessError,
     StrictModeError,
     format_summary,
     run_preprocess,
 )
-from pipelines.refer import REFER_SPLIT_BYS
-from pipelines.synthetic import SyntheticConfig, generate_synthetic
+from pipelines.data.refer import REFER_SPLIT_BYS
+from pipelines.data.synthetic.dataset import SyntheticConfig, generate_synthetic
 
 DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
 

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.ray_runtime import ensure_ray
-from pipelines.serve import TOKEN_ENV, ServeSettings, build_app
-from pipelines.serve_api import RequestLimits
-from pipelines.tracking import find_model_dir
+from pipelines.runtime import ensure_ray
+from pipelines.serve.app import TOKEN_ENV, ServeSettings, build_app
+from pipelines.serve.requests import RequestLimits
+from pipelines.tracking.registry import find_model_dir
 from vglaw.precision import PRECISIONS
 
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The :func:`pipelines.serve.build_app` arguments for the parsed command line."""
+    """The :func:`pipelines.serve.app.build_app` arguments for the parsed command line."""
     model = args.model
     if "://" not in model and not model.startswith(("models:/", "runs:/")):
         # Replicas may start in another working directory: hand them an absolute model directory.

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from pipelines.synthetic import SyntheticConfig, generate_synthetic
+from pipelines.data.synthetic.dataset import SyntheticConfig, generate_synthetic
 
 
 def _image_size(text: str) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.train_config import load_config
+from pipelines.train.config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     summary = run_training(config)
     shown = {k: round(v, 4) for k, v in summary.metrics.items() if k.startswith("val/")}

@@ -24,7 +24,7 @@ import pytest
 import ray
 import yaml
 
-from pipelines.train_config import ModelSection, load_config
+from pipelines.train.config import ModelSection, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -304,7 +304,7 @@ def test_rayjob_runs_the_training_entry_point_with_a_shipped_config() -> None:
 
 
 def test_rayservice_serves_the_application_on_gpu_replicas() -> None:
-    from pipelines.serve import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
+    from pipelines.serve.app import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
 
     config = _serve_config_of_rayservice()
     _check_serve_config(config)

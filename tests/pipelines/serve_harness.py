@@ -83,7 +83,7 @@ def running_app(args: dict[str, Any]) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from pipelines.serve import build_app
+    from pipelines.serve.app import build_app
 
     started = not ray.is_initialized()
     if started:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.train_config import load_config
+from pipelines.train.config import load_config
 from tests.pipelines.job_harness import PY, REPO, resumed_step, synthetic_parquet, wait_for_checkpoint
 
 TRAINER = "trainer_slot"  # a resource only the training nodes have, as GPUs would be on a real cluster
@@ -90,7 +90,7 @@ def test_a_lost_node_is_replaced_and_the_run_completes_its_planned_steps(cluster
     text = log_path.read_text()
 
     config = load_config(REPO / "configs/test.yaml", overrides)
-    from pipelines.train import plan_steps_per_epoch
+    from pipelines.train.driver import plan_steps_per_epoch
 
     planned = config.optim.epochs * plan_steps_per_epoch(config, workspace["manifest"]["splits"]["train"]["rows"])
     assert f"done: step {planned}," in text, text[-3000:]

@@ -20,7 +20,7 @@ import pytest
 import requests
 from pycocotools import mask as mask_utils
 
-from pipelines.train_config import load_config
+from pipelines.train.config import load_config
 from tests.pipelines.job_harness import PY, REPO, descendants_named, resumed_step, run_job, wait_for_checkpoint
 from tests.pipelines.serve_harness import encode, free_port, wait_until_healthy
 from tests.pretrained_layouts import bert_vocab, write_bert_release, write_vitdet_pkl

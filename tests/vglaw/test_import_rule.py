@@ -48,7 +48,7 @@ def test_data_pipeline_modules_do_not_load_torch() -> None:
     # Preprocessing workers letterbox PIL images and numpy masks only; torch would add seconds to each
     # worker's start.
     loaded = _loaded_after_import(
-        "vglaw.geometry, vglaw.safe_pickle, pipelines.preprocess", ("torch", "timm", "transformers")
+        "vglaw.geometry, vglaw.safe_pickle, pipelines.data.preprocess", ("torch", "timm", "transformers")
     )
     assert loaded == [], f"the data pipeline pulled in: {loaded}"
 

@@ -1,0 +1,19 @@
+"""The built-in synthetic referring dataset: coloured shapes with unambiguous expressions, in the REFER layout.
+
+Modules:
+    scene: sampling and drawing scenes of non-overlapping objects.
+    language: the expression grammar, its meaning, and the uniqueness check.
+    dataset: writing images, ``instances.json`` and ``refs(synthetic).p`` for every split.
+"""
+
+from pipelines.runtime import lazy_exports
+
+__all__ = ["SyntheticConfig", "generate_synthetic"]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "SyntheticConfig": "pipelines.data.synthetic.dataset",
+        "generate_synthetic": "pipelines.data.synthetic.dataset",
+    },
+)

@@ -1,0 +1,25 @@
+"""The serving stage: the grounding endpoint (image + expression -> box + mask) on Ray Serve.
+
+Entry point: :func:`build_app`, the application ``serve run pipelines.serve:build_app`` and Serve config files
+name, taking :class:`ServeSettings`.
+
+Modules:
+    app: the FastAPI ingress deployment and :func:`build_app`.
+    settings: the typed settings of the application.
+    requests: parsing and checking what clients send (no Ray).
+    schema: the HTTP response models and request bodies, as OpenAPI publishes them.
+    model: the batched model deployment.
+    static/: the browser page served at ``/``.
+"""
+
+from pipelines.runtime import lazy_exports
+
+__all__ = ["ServeSettings", "build_app"]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "ServeSettings": "pipelines.serve.app",
+        "build_app": "pipelines.serve.app",
+    },
+)

@@ -1,0 +1,164 @@
+"""The MLflow model registry: logging a model directory as a pyfunc, the "best" alias, and resolving a
+model reference (a directory or an MLflow URI) to a local model directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking.runs import configure_mlflow, metric_key, tracking_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["LoggedVGLAW", "find_model_dir", "log_vglaw_model", "resolve_model", "set_alias_if_best"]
+
+
+@dataclass(frozen=True)
+class LoggedVGLAW:
+    """What :func:`log_vglaw_model` logged.
+
+    Attributes:
+        model_uri: URI to load the logged model from (``models:/m-...``).
+        registered_name: Registry name, or None when not registered.
+        version: Registry version (a string, as MLflow returns it), or None.
+    """
+
+    model_uri: str
+    registered_name: str | None
+    version: str | None
+
+    @property
+    def registry_uri(self) -> str | None:
+        """``models:/<name>/<version>`` when registered."""
+        return f"models:/{self.registered_name}/{self.version}" if self.version else None
+
+
+def log_vglaw_model(
+    model_dir: str | os.PathLike[str],
+    name: str = "model",
+    registered_model_name: str | None = None,
+    input_example: pd.DataFrame | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+) -> LoggedVGLAW:
+    """Logs a model directory as an MLflow pyfunc model, in the active run if there is one.
+
+    The pyfunc (``pipelines/pyfunc.py``, logged as code) takes a DataFrame of ``image`` (bytes or base64)
+    and ``expression`` and returns boxes and RLE masks. The model directory (weights, config, vocab) goes in as
+    an artifact and the ``vglaw`` package as code, with pinned pip requirements, so it loads on a machine
+    without this repository.
+
+    Args:
+        model_dir: A directory written by :func:`vglaw.save_pretrained`.
+        name: Name of the logged model within the run.
+        registered_model_name: Register it under this name (a new version) when given.
+        input_example: One or more input rows; defaults to a small grey image with one expression.
+        tags: Tags for the logged model.
+        run_id: Log into this run (resumed for the call, and ended afterwards unless it was the active run).
+    """
+    from pipelines.tracking import pyfunc
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a VG-LAW model directory (no config.json)")
+    configure_mlflow()
+    active = mlflow.active_run()
+    if run_id is not None and (active is None or active.info.run_id != run_id):
+        with mlflow.start_run(run_id=run_id):
+            return log_vglaw_model(model_dir, name, registered_model_name, input_example, tags)
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=pyfunc.__file__,
+        artifacts={pyfunc.MODEL_DIR_ARTIFACT: str(model_dir)},
+        code_paths=[str(Path(pyfunc.vglaw_package_dir()))],
+        signature=pyfunc.model_signature(),
+        input_example=input_example if input_example is not None else pyfunc.example_input(),
+        pip_requirements=pyfunc.pip_requirements(),
+        registered_model_name=registered_model_name,
+        tags=dict(tags) if tags else None,
+    )
+    version = info.registered_model_version
+    return LoggedVGLAW(info.model_uri, registered_model_name, None if version is None else str(version))
+
+
+def set_alias_if_best(
+    name: str,
+    version: str | int,
+    metric_name: str,
+    value: float,
+    alias: str = "best",
+    higher_is_better: bool = True,
+) -> bool:
+    """Records ``metric_name = value`` on a model version and points ``alias`` at it if it is the best.
+
+    The version wins when no version holds the alias, when the aliased version has no such tag, or when
+    ``value`` is strictly better than the aliased version's (ties keep the existing alias).
+
+    Returns:
+        Whether ``alias`` points at ``version`` afterwards.
+    """
+    configure_mlflow()
+    client = MlflowClient()
+    tag = metric_key(metric_name)
+    client.set_model_version_tag(name, str(version), tag, repr(float(value)))
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    if current is not None and str(current.version) == str(version):
+        return True
+    if current is not None and tag in current.tags:
+        best = float(current.tags[tag])
+        better = value > best if higher_is_better else value < best
+        if not better:
+            return False
+    client.set_registered_model_alias(name, alias, str(version))
+    return True
+
+
+def find_model_dir(root: str | os.PathLike[str]) -> Path:
+    """The VG-LAW model directory inside ``root``: ``root`` itself or, for a downloaded MLflow model, its
+    ``artifacts/<model_dir>``; otherwise the shallowest folder below ``root`` holding ``config.json`` and
+    ``model.safetensors``."""
+    root = Path(root)
+    candidates = [root, root / "artifacts" / "model_dir"]
+    candidates += sorted((p.parent for p in root.rglob("model.safetensors")), key=lambda p: len(p.parts))
+    for folder in candidates:
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return folder
+    raise FileNotFoundError(f"no VG-LAW model directory (config.json + model.safetensors) in {root}")
+
+
+def resolve_model(uri_or_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A local model directory for a plain path or an MLflow URI.
+
+    Args:
+        uri_or_dir: A directory (a :func:`vglaw.save_pretrained` one, or a downloaded MLflow model), or
+            ``models:/name@alias``, ``models:/name/version``, ``runs:/<run_id>/<path>`` or any artifact URI.
+        dst_dir: Where to download to; a new temporary folder by default.
+
+    Raises:
+        FileNotFoundError: If the directory, the registered model, version, alias or run does not exist.
+    """
+    text = os.fspath(uri_or_dir)
+    if "://" not in text and not text.startswith(("models:/", "runs:/")):
+        if not Path(text).is_dir():
+            raise FileNotFoundError(f"model directory {text} does not exist")
+        return find_model_dir(text)
+    configure_mlflow()
+    dst = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="vglaw-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst))
+    except (MlflowException, OSError) as err:
+        raise FileNotFoundError(f"cannot fetch model {text} from MLflow at {tracking_uri()}: {err}") from err
+    return find_model_dir(local)

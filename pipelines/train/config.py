@@ -1,0 +1,206 @@
+"""The training run's typed configuration: YAML presets in ``configs/`` plus ``section.field=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from vglaw.losses import LossWeights
+from vglaw.precision import check_precision
+
+if TYPE_CHECKING:
+    from vglaw.config import VGLAWConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ModelSection:
+    """Which VG-LAW to train and where its pretrained parts come from (local paths only)."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # vglaw.create_model(preset, **overrides)
+    pretrained_vit: str | None = None  # ViTDet .pkl, SAM / timm ViT .safetensors / .pth
+    pretrained_bert: str | None = None  # a local Hugging Face BERT directory (its vocab.txt is the tokenizer)
+    vocab_size: int = 8192  # WordPiece vocab trained on the training expressions when no BERT is given
+    compile: bool = False  # torch.compile the model (GPU runs)
+
+    def __post_init__(self) -> None:
+        import vglaw
+
+        if self.preset not in vglaw.list_models():
+            raise ValueError(f"model.preset '{self.preset}' is not one of {vglaw.list_models()}")
+        self.vglaw_config()  # validates the overrides now, not on a worker
+        for path in (self.pretrained_vit, self.pretrained_bert):
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"pretrained weights not found: {path}")
+
+    def vglaw_config(self) -> VGLAWConfig:
+        """The model's resolved configuration: the preset with ``overrides`` applied."""
+        import vglaw
+
+        return vglaw.get_config(self.preset, **self.overrides)
+
+
+@dataclass
+class DataSection:
+    """The preprocessed dataset (output of ``jobs.preprocess``)."""
+
+    path: str = "data/synthetic/parquet"
+    train_split: str = "train"
+    val_split: str = "val"
+    hflip_prob: float = 0.5  # horizontal flip with left/right swapped in the expression
+    shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hflip_prob <= 1.0:
+            raise ValueError("data.hflip_prob must be in [0, 1]")
+
+
+@dataclass
+class OptimSection:
+    """The paper's recipe by default: AdamW, 4e-5 backbones / 4e-4 rest, wd 1e-4, x0.1 at epochs 10 and 60."""
+
+    epochs: int = 90
+    global_batch_size: int = 256
+    lr_backbone: float = 4e-5
+    lr_head: float = 4e-4
+    weight_decay: float = 1e-4
+    decay_epochs: tuple[int, ...] = (10, 60)
+    decay_factor: float = 0.1
+    warmup_steps: int = 0
+    grad_clip: float | None = 0.15
+    max_steps_per_epoch: int | None = None  # cap for quick runs
+
+    def __post_init__(self) -> None:
+        self.decay_epochs = tuple(int(e) for e in self.decay_epochs)
+        if self.epochs <= 0 or self.global_batch_size <= 0:
+            raise ValueError("optim.epochs and optim.global_batch_size must be positive")
+        if self.lr_backbone < 0 or self.lr_head <= 0:
+            raise ValueError("learning rates must be positive")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError("optim.grad_clip must be positive or null")
+
+
+@dataclass
+class RunSection:
+    """Where and how the run executes and is recorded."""
+
+    name: str = "vglaw-synthetic"
+    experiment: str = "vglaw"
+    num_workers: int = 2
+    use_gpu: bool = False
+    precision: str | None = None  # fp32 / bf16 (autocast); None: bf16 on GPU workers, fp32 on CPU ones
+    cpus_per_worker: float = 1.0
+    # Further Ray resources each training worker needs, e.g. {"accelerator_type:A100": 0.001} or a custom
+    # resource that only the training nodes advertise; they decide where the workers can land.
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    placement_strategy: str = "PACK"  # of the workers' placement group: PACK, SPREAD or STRICT_SPREAD
+    storage_path: str = "runs"  # Ray Train checkpoints; relative paths are under the repository root
+    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    num_checkpoints_to_keep: int = 2
+    max_failures: int = 3
+    log_every_steps: int = 10
+    seed: int = 0
+    mlflow: bool = True
+    registered_model_name: str | None = "vglaw"
+    overlays: int = 8  # prediction overlays logged per epoch
+
+    def __post_init__(self) -> None:
+        if self.num_workers <= 0:
+            raise ValueError("run.num_workers must be positive")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD"):
+            raise ValueError(
+                f"run.placement_strategy must be PACK, SPREAD or STRICT_SPREAD, got {self.placement_strategy!r}"
+            )
+        if any(value < 0 for value in self.worker_resources.values()) or "CPU" in self.worker_resources:
+            raise ValueError("run.worker_resources takes non-negative amounts, and CPUs go in run.cpus_per_worker")
+        check_precision(self.precision, "run.precision")
+        if not self.name or "/" in self.name:
+            raise ValueError("run.name must be a non-empty name without '/'")
+
+    @property
+    def storage_dir(self) -> Path:
+        path = Path(self.storage_path)
+        return path if path.is_absolute() else REPO_ROOT / path
+
+
+@dataclass
+class TrainConfig:
+    """One training job."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossWeights = field(default_factory=LossWeights)  # the paper's weights unless a config says otherwise
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        if self.optim.global_batch_size % self.run.num_workers:
+            raise ValueError(
+                f"optim.global_batch_size {self.optim.global_batch_size} is not divisible by "
+                f"run.num_workers {self.run.num_workers}"
+            )
+        if self.loss.category > 0 and not self.model.vglaw_config().head.categories:
+            raise ValueError(
+                "loss.category needs the model's category classifier: set model.overrides.categories to one more "
+                "than the largest category id"
+            )
+
+    @property
+    def batch_per_worker(self) -> int:
+        return self.optim.global_batch_size // self.run.num_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        sections = {
+            "model": ModelSection,
+            "data": DataSection,
+            "optim": OptimSection,
+            "loss": LossWeights,
+            "run": RunSection,
+        }
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")
+        kwargs = {}
+        for name, section in sections.items():
+            values = dict(data.get(name) or {})
+            known = {f.name for f in dataclasses.fields(section)}
+            bad = set(values) - known
+            if bad:
+                raise ValueError(f"unknown fields in '{name}': {sorted(bad)}")
+            kwargs[name] = section(**values)
+        return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``section.field=value`` overrides.
+
+    Values are parsed as YAML, so ``optim.epochs=3``, ``run.use_gpu=true`` and ``model.overrides={depth: 2}``
+    all work.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2:
+            raise ValueError(f"override '{item}' is not of the form section.field=value")
+        target = data.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = yaml.safe_load(raw)
+    return TrainConfig.from_dict(data)

@@ -1,0 +1,308 @@
+"""What each Ray Train worker runs: build, resume, train, validate across workers, checkpoint, report."""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pipelines.train.collate import TrainingBatch, collate_rows
+from pipelines.train.config import TrainConfig
+from pipelines.train.optim import build_optimizer, build_scheduler
+from pipelines.train.validation import validate_on_worker
+from vglaw import ExpressionTokenizer, create_model, save_pretrained
+from vglaw.checkpoint import WEIGHTS_FILE
+from vglaw.losses import GroundingLoss
+from vglaw.model import VGLAW
+from vglaw.precision import Precision, autocast, resolve_precision
+from vglaw.transforms import normalize
+from vglaw.weights import load_bert_weights, load_vit_weights
+
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    step: int = 0  # optimiser steps done in total
+    batch_in_epoch: int = 0  # batches of ``epoch`` already consumed
+
+
+def train_step(
+    model: nn.Module,
+    batch: TrainingBatch,
+    criterion: GroundingLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float | None,
+    precision: Precision = "fp32",
+) -> dict[str, torch.Tensor]:
+    """One optimiser step; returns the loss terms as device tensors (no host sync here).
+
+    The forward pass runs under ``precision``'s autocast; the losses leave it and stay fp32.
+    """
+    images = normalize(batch.images)
+    with autocast(precision, images.device):
+        out = model(images, batch.input_ids, batch.attention_mask)
+    losses = criterion(
+        out.boxes,
+        out.mask_logits,
+        batch.boxes if out.boxes is not None else None,
+        batch.masks.float() if out.mask_logits is not None else None,
+        box_attention=out.box_attention,
+        attention_masks=batch.masks,
+        category_logits=out.category_logits,
+        target_categories=batch.categories,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if grad_clip is not None:
+        losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def build_model(config: TrainConfig, vocab_size: int) -> VGLAW:
+    """The model with its pretrained parts loaded (strictly) when the config names them."""
+    model = create_model(config.model.preset, vocab_size=vocab_size, **config.model.overrides)
+    if config.model.pretrained_vit:
+        load_vit_weights(model.visual, config.model.pretrained_vit)
+    if config.model.pretrained_bert:
+        load_bert_weights(model.language, config.model.pretrained_bert)
+    return model
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train entry point. ``loop_config`` holds the resolved config, the vocab and the plan."""
+    config = TrainConfig.from_dict(loop_config["config"])
+    steps_per_epoch: int = loop_config["steps_per_epoch"]
+    tokenizer = ExpressionTokenizer(loop_config["vocab"], max_tokens=loop_config["max_tokens"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    _seed_everything(config.run.seed + rank)
+
+    model = build_model(config, tokenizer.vocab_size)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, steps_per_epoch, config.optim)
+    position = Position()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            position = _load_training_state(Path(directory), model, optimizer, scheduler, rank)
+        if rank == 0:
+            print(
+                f"[vglaw-train] resuming from step {position.step} (epoch {position.epoch + 1}, batch "
+                f"{position.batch_in_epoch})",
+                flush=True,
+            )
+    # NOTE: wrapping happens here and only here: device placement, then DDP (prepare_model), then compile.
+    device = ray.train.torch.get_device()
+    ddp_model = ray.train.torch.prepare_model(model)
+    if config.model.compile:
+        ddp_model = torch.compile(ddp_model)
+    precision = resolve_precision(config.run.precision, device)
+    criterion = GroundingLoss(config.loss)
+    logger = _RankZeroLogger(loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"), rank)
+    nodes = _worker_nodes(world)
+    logger.say(f"{world} workers on {len(set(nodes))} node(s), {precision}, compile {config.model.compile}")
+    logger.tag("ray.worker_nodes", json.dumps(nodes))
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_data = ray.train.get_dataset_shard("val")
+    total_steps = steps_per_epoch * config.optim.epochs
+    if position.step == 0:
+        metrics = validate_on_worker(model, tokenizer, val_data, rank, world, config.batch_per_worker, precision)
+        logger.log({f"val/{k}": v for k, v in metrics.items()}, step=0)
+        logger.say(f"step 0: val {_fmt(metrics)}")
+        ray.train.report({"epoch": 0, "step": 0, **{f"val/{k}": v for k, v in metrics.items()}})
+
+    started = time.perf_counter()
+    steps_at_start = position.step
+    while position.epoch < config.optim.epochs:
+        epoch_start, epoch_images = time.perf_counter(), 0
+        running: dict[str, float] = {}
+        batches = train_shard.iter_batches(
+            batch_size=config.batch_per_worker,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=_seed_of(config.run.seed, position.epoch, rank),
+        )
+        for index, raw in enumerate(batches):
+            if index < position.batch_in_epoch or index >= steps_per_epoch:
+                continue  # already trained on before a restart, or beyond the planned steps
+            # Flips are a function of (seed, epoch, rank, batch), so a resumed epoch flips as the first try did.
+            rng = np.random.default_rng([config.run.seed, position.epoch, rank, index])
+            batch = collate_rows(raw, tokenizer, rng, config.data.hflip_prob).to(device)
+            step_start = time.perf_counter()
+            losses = train_step(ddp_model, batch, criterion, optimizer, scheduler, config.optim.grad_clip, precision)
+            position.step += 1
+            position.batch_in_epoch = index + 1
+            epoch_images += len(batch) * world
+            if position.step % config.run.log_every_steps == 0 or position.batch_in_epoch == steps_per_epoch:
+                values = {k: float(v) for k, v in losses.items()}
+                for k, v in values.items():
+                    running[k] = v
+                values["lr/backbone"], values["lr/head"] = (g["lr"] for g in optimizer.param_groups)
+                values["images_per_s"] = len(batch) * world / max(time.perf_counter() - step_start, 1e-9)
+                logger.log({f"train/{k}": v for k, v in values.items()}, step=position.step)
+            every = config.run.checkpoint_every_steps
+            if every and position.step % every == 0 and position.batch_in_epoch < steps_per_epoch:
+                _report_with_checkpoint(model, tokenizer, optimizer, scheduler, position, rank, {})
+        position.epoch += 1
+        position.batch_in_epoch = 0
+        val = validate_on_worker(model, tokenizer, val_data, rank, world, config.batch_per_worker, precision)
+        elapsed = time.perf_counter() - epoch_start
+        throughput = epoch_images / max(elapsed, 1e-9)
+        done = position.step - steps_at_start
+        eta = (time.perf_counter() - started) / max(done, 1) * (total_steps - position.step)
+        epoch_metrics = {f"val/{k}": v for k, v in val.items()} | {
+            "epoch": position.epoch,
+            "step": position.step,
+            "epoch_images_per_s": throughput,
+            **{f"train/{k}": v for k, v in running.items()},
+        }
+        logger.log({k: v for k, v in epoch_metrics.items() if k not in ("epoch", "step")}, step=position.step)
+        logger.say(
+            f"epoch {position.epoch}/{config.optim.epochs} step {position.step}/{total_steps} "
+            f"loss {running.get('loss', float('nan')):.4f} val {_fmt(val)} {throughput:.1f} img/s ETA {eta:.0f}s"
+        )
+        if rank == 0 and config.run.overlays:
+            logger.log_overlays(model, tokenizer, val_data, config.run.overlays, position.epoch)
+        _report_with_checkpoint(model, tokenizer, optimizer, scheduler, position, rank, epoch_metrics)
+
+
+def _report_with_checkpoint(
+    model: VGLAW,
+    tokenizer: ExpressionTokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: Position,
+    rank: int,
+    metrics: dict[str, Any],
+) -> None:
+    """Every rank writes its RNG state; rank 0 also writes a loadable model directory and the optimiser."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+        if rank == 0:
+            save_pretrained(model, tokenizer, directory)  # the checkpoint is itself a model directory
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "optim.pt"
+            )
+            (directory / STATE_FILE).write_text(json.dumps(position.__dict__))
+        report = {"epoch": position.epoch, "step": position.step, **metrics}
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _load_training_state(
+    directory: Path,
+    model: VGLAW,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int,
+) -> Position:
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+    state = torch.load(directory / "optim.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_path = directory / f"rng_rank{rank}.pt"
+    if rng_path.is_file():
+        _set_rng_state(torch.load(rng_path, weights_only=False))  # our own file: python/numpy RNG objects
+    return Position(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def _seed_of(*parts: int) -> int:
+    """A 32-bit seed derived from ``parts`` (Ray Data's shuffle takes a plain integer)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every worker, in rank order (a collective: every rank calls it)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[Any] = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    keys = ("prec@0.5", "miou", "oiou")
+    return " ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)
+
+
+class _RankZeroLogger:
+    """MLflow logging and progress lines from rank 0 only; the other ranks stay silent."""
+
+    def __init__(self, run_id: str | None, tracking_uri: str | None, rank: int) -> None:
+        self.active = rank == 0
+        self.client = None
+        self.run_id = run_id
+        if self.active and run_id is not None:
+            import mlflow
+            from mlflow.tracking import MlflowClient
+
+            mlflow.set_tracking_uri(tracking_uri)  # this worker's process: where pipelines.tracking logs
+            self.client = MlflowClient(tracking_uri)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.client.set_tag(self.run_id, key, value)
+
+    def say(self, line: str) -> None:
+        if self.active:
+            print(f"[vglaw-train] {line}", flush=True)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from pipelines.tracking.runs import log_metrics
+
+        log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=step, run_id=self.run_id)
+
+    def log_overlays(self, model: VGLAW, tokenizer: ExpressionTokenizer, val_data: Any, count: int, epoch: int) -> None:
+        if self.client is None:
+            return
+        from pipelines.train.validation import overlay_figure
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"epoch_{epoch:03d}.png"
+            overlay_figure(model, tokenizer, val_data, count, path)
+            self.client.log_artifact(self.run_id, str(path), artifact_path="overlays")

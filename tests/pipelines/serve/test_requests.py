@@ -1,0 +1,215 @@
+"""Request parsing, image checks, auth and settings of the grounding endpoint, without Ray running."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipelines.serve.app import (
+    INGRESS_DEPLOYMENT,
+    MODEL_DEPLOYMENT,
+    ServeSettings,
+    build_app,
+    limits_from_user_config,
+    prepare_item,
+)
+from pipelines.serve.model import BatchSettings
+from pipelines.serve.requests import (
+    ApiError,
+    RequestLimits,
+    UploadedFile,
+    authorize,
+    body_kind,
+    check_content_length,
+    decode_base64_image,
+    open_image,
+    parse_form_request,
+    parse_json_request,
+)
+from tests.pipelines.serve_harness import encode, shapes_image
+
+REPO = Path(__file__).resolve().parents[3]
+
+LIMITS = RequestLimits(max_image_bytes=100_000, max_image_pixels=250_000, max_expression_chars=50)
+PNG = encode(shapes_image(64, 48))
+
+
+def _raises(status: int, code: str, fn, *args) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        fn(*args)
+    assert (info.value.status, info.value.code) == (status, code), info.value.body()
+    return info.value
+
+
+def test_content_types() -> None:
+    assert body_kind("application/json; charset=utf-8") == "json"
+    assert body_kind("multipart/form-data; boundary=xyz") == "multipart"
+    _raises(400, "malformed_multipart", body_kind, "multipart/form-data")
+    for bad in ("text/plain", "application/x-www-form-urlencoded", None, "image/png"):
+        _raises(415, "unsupported_media_type", body_kind, bad)
+    check_content_length("10", 10)
+    _raises(413, "request_too_large", check_content_length, "11", 10)
+    _raises(400, "bad_content_length", check_content_length, "ten", 10)
+
+
+def test_json_requests() -> None:
+    image = base64.b64encode(PNG).decode()
+    request = parse_json_request(json.dumps({"image": image, "expression": "  the circle "}).encode(), LIMITS)
+    assert (request.image_bytes, request.expression, request.return_mask) == (PNG, "the circle", True)
+    wrapped = "data:image/png;base64," + "\n".join(image[i : i + 76] for i in range(0, len(image), 76))
+    options = {"image": wrapped, "expression": "x", "return_mask": False, "mask_format": "PNG", "threshold": 0.5}
+    request = parse_json_request(json.dumps(options).encode(), LIMITS)
+    assert (request.image_bytes, request.return_mask, request.mask_format, request.threshold) == (
+        PNG,
+        False,
+        "png",
+        0.5,
+    )
+
+    def body(**fields) -> bytes:
+        return json.dumps({"image": image, "expression": "the circle", **fields}).encode()
+
+    _raises(400, "empty_body", parse_json_request, b"", LIMITS)
+    _raises(400, "malformed_json", parse_json_request, b'{"image": ', LIMITS)
+    _raises(400, "malformed_json", parse_json_request, b"[1, 2]", LIMITS)
+    _raises(400, "malformed_json", parse_json_request, b"\xff\xfe", LIMITS)
+    _raises(400, "invalid_base64", parse_json_request, body(image="not base64!"), LIMITS)
+    assert _raises(422, "missing_field", parse_json_request, b'{"expression": "x"}', LIMITS).field == "image"
+    assert _raises(422, "missing_field", parse_json_request, json.dumps({"image": image}).encode(), LIMITS).field == (
+        "expression"
+    )
+    _raises(422, "invalid_field", parse_json_request, body(image=123), LIMITS)
+    _raises(422, "invalid_field", parse_json_request, body(expression=["a"]), LIMITS)
+    _raises(422, "empty_expression", parse_json_request, body(expression=" \t\n "), LIMITS)
+    _raises(422, "expression_too_long", parse_json_request, body(expression="a" * 51), LIMITS)
+    _raises(422, "unknown_field", parse_json_request, body(expresion="typo"), LIMITS)
+    for threshold in (1.5, -0.1, "high", True):
+        _raises(422, "invalid_field", parse_json_request, body(threshold=threshold), LIMITS)
+    _raises(422, "invalid_field", parse_json_request, body(mask_format="jpeg"), LIMITS)
+    _raises(422, "invalid_field", parse_json_request, body(return_mask="maybe"), LIMITS)
+    _raises(413, "image_too_large", decode_base64_image, "A" * 200_000, LIMITS)
+
+
+def test_form_requests() -> None:
+    file = UploadedFile("x.png", "image/png", PNG)
+    request = parse_form_request({"image": [file], "expression": ["the circle"], "return_mask": ["false"]}, LIMITS)
+    assert (request.image_bytes, request.expression, request.return_mask) == (PNG, "the circle", False)
+    _raises(422, "missing_field", parse_form_request, {"expression": ["x"]}, LIMITS)
+    _raises(422, "missing_field", parse_form_request, {"image": [file]}, LIMITS)
+    _raises(422, "invalid_field", parse_form_request, {"image": ["text"], "expression": ["x"]}, LIMITS)
+    _raises(422, "invalid_field", parse_form_request, {"image": [file], "expression": [file]}, LIMITS)
+    _raises(422, "duplicate_field", parse_form_request, {"image": [file, file], "expression": ["x"]}, LIMITS)
+    _raises(422, "unknown_field", parse_form_request, {"image": [file], "expression": ["x"], "mask": ["1"]}, LIMITS)
+
+
+def test_images_are_checked_before_decoding() -> None:
+    image = open_image(PNG, LIMITS)
+    assert image.size == (64, 48)
+    _raises(400, "empty_image", open_image, b"", LIMITS)
+    _raises(400, "invalid_image", open_image, b"GIF89a but not really an image at all", LIMITS)
+    _raises(400, "invalid_image", open_image, b"%PDF-1.4 definitely not a picture", LIMITS)
+    _raises(400, "truncated_image", open_image, PNG[: len(PNG) // 2], LIMITS)
+    jpeg = encode(shapes_image(64, 48), "JPEG")
+    _raises(400, "truncated_image", open_image, jpeg[: len(jpeg) // 2], LIMITS)
+    _raises(413, "image_too_large", open_image, PNG + b"\0" * 100_000, LIMITS)
+    big = encode(Image.new("L", (600, 500)))  # 300000 pixels in ~1 KB
+    assert "600x500" in _raises(413, "too_many_pixels", open_image, big, LIMITS).message
+    tiff = encode(shapes_image(32, 32), "TIFF")
+    _raises(400, "invalid_image", open_image, tiff, LIMITS)  # a format outside the allowed list
+
+
+def test_exif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise for display
+    buffer = encode(shapes_image(64, 48), "JPEG")
+    out = io.BytesIO()
+    Image.open(io.BytesIO(buffer)).save(out, format="JPEG", exif=exif)
+    assert open_image(out.getvalue(), LIMITS).size == (48, 64)
+
+
+def test_prepare_item_letterboxes_like_the_predictor() -> None:
+    request = parse_form_request({"image": [UploadedFile("x", None, PNG)], "expression": ["x"]}, LIMITS)
+    item, width, height = prepare_item(request, LIMITS, image_size=128)
+    assert (width, height) == (64, 48)
+    assert item.canvas.shape == (128, 128, 3) and item.canvas.dtype == np.uint8
+    assert (item.letterbox.new_w, item.letterbox.new_h) == (128, 96)
+
+
+def test_auth() -> None:
+    authorize(None, None)
+    authorize("Bearer s3cret", "s3cret")
+    authorize("bearer  s3cret ", "s3cret")
+    for header in (None, "", "Bearer wrong", "Basic s3cret", "s3cret", "Bearer s3cret2"):
+        err = _raises(401, "unauthorized", authorize, header, "s3cret")
+        assert err.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_settings_from_command_line_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = ServeSettings.from_args(
+        {"model": "m", "max_replicas": "4", "num_gpus": "0.5", "mask_threshold": "none", "max_batch_size": "8"}
+    )
+    assert (settings.max_replicas, settings.num_gpus, settings.max_batch_size) == (4, 0.5, 8)
+    assert settings.mask_threshold is None
+    with pytest.raises(ValueError, match="unknown serve args"):
+        ServeSettings.from_args({"model": "m", "replicas": 2})
+    with pytest.raises(ValueError, match="max_batch_size must be of type int"):
+        ServeSettings.from_args({"model": "m", "max_batch_size": "lots"})
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServeSettings.from_args({"model": "m", "max_batch_size": 0})
+    with pytest.raises(ValueError, match="min_replicas"):
+        ServeSettings.from_args({"model": "m", "min_replicas": 3, "max_replicas": 2})
+    with pytest.raises(ValueError, match="model is required"):
+        ServeSettings.from_args({"model": ""})
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ServeSettings.from_args({"model": "m", "precision": "fp16"})
+
+    monkeypatch.setenv("VGLAW_SERVE_TOKEN", "from-env")
+    # NOTE: Serve has no public accessor for a built application's deployments, hence the private attributes.
+    ingress = build_app({"model": "m", "min_replicas": "1", "max_replicas": "3"})._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    assert (ingress.name, ingress.init_args[1]) == ("GroundingAPI", "from-env")
+    assert (model.name, model.init_args) == ("GroundingModel", ("m", "auto", None))
+    bf16 = build_app({"model": "m", "device": "cpu", "precision": "bf16"})._bound_deployment.init_args[0]
+    assert bf16._bound_deployment.init_args == ("m", "cpu", "bf16")
+    autoscaling = model._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
+    assert model.user_config == {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "mask_threshold": None}
+    assert ingress.user_config == asdict(RequestLimits())
+
+
+def test_ingress_user_config() -> None:
+    limits, token = limits_from_user_config({"max_image_bytes": 10, "auth_token": "t"})
+    assert (limits.max_image_bytes, limits.max_image_pixels, token) == (10, RequestLimits.max_image_pixels, "t")
+    assert limits_from_user_config({})[1] is None
+    with pytest.raises(ValueError, match="unknown"):
+        limits_from_user_config({"max_bytes": 10})
+    with pytest.raises(ValueError, match="positive"):
+        limits_from_user_config({"max_image_pixels": 0})
+
+
+def test_cluster_serve_config_matches_the_application() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "pipelines.serve:build_app"
+    ServeSettings.from_args(app["args"])
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT}
+    model = deployments[MODEL_DEPLOYMENT]
+    settings = BatchSettings.from_user_config(model["user_config"])
+    assert settings.max_batch_size <= model["max_ongoing_requests"]
+    assert model["ray_actor_options"]["num_gpus"] >= 1
+    limits_from_user_config(deployments[INGRESS_DEPLOYMENT]["user_config"])
+    for deployment in deployments.values():
+        scaling = deployment["autoscaling_config"]
+        assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"] and scaling["target_ongoing_requests"] > 0

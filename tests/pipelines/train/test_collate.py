@@ -1,0 +1,122 @@
+"""Parquet rows -> training batches (decoding, category ids, the flip) and a training step with the category loss."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.data.encode import encode_canvas
+from pipelines.data.schema import SCHEMA_VERSION, TRAINING_COLUMNS
+from pipelines.train.collate import TrainingBatch, collate_rows
+from pipelines.train.config import load_config
+from pipelines.train.driver import _check_categories
+from pipelines.train.optim import build_optimizer, build_scheduler
+from pipelines.train.worker import build_model, train_step
+from vglaw.losses import GroundingLoss
+from vglaw.rle import encode_mask
+from vglaw.tokenizer import ExpressionTokenizer
+
+SIZE = 32
+
+
+def _rows() -> dict[str, list]:
+    """Two canvases, each with a block in its left half; the box and mask mark the block."""
+    images, masks = [], []
+    for colour in ((255, 0, 0), (0, 0, 255)):
+        canvas = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+        canvas[8:16, 4:12] = colour
+        images.append(encode_canvas(Image.fromarray(canvas), "png"))
+        mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        mask[8:16, 4:12] = 1
+        masks.append(encode_mask(mask)["counts"])
+    box = [8 / SIZE, 12 / SIZE, 8 / SIZE, 8 / SIZE]  # (cx, cy, w, h) of the block
+    return {
+        "expression": ["the red block on the left", "the leftmost blue block"],
+        "image": images,
+        "canvas_size": [SIZE, SIZE],
+        "box_cxcywh_norm": [box, box],
+        "mask_canvas_rle": masks,
+        "category_id": [3, 7],
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ExpressionTokenizer:
+    words = ["the", "red", "blue", "block", "on", "left", "right", "leftmost", "rightmost"]
+    return ExpressionTokenizer.train([" ".join(words)] * 4, vocab_size=64)
+
+
+def test_collate_decodes_rows_with_their_categories(tokenizer: ExpressionTokenizer) -> None:
+    rows = _rows()
+    assert set(rows) == set(TRAINING_COLUMNS)
+    batch = collate_rows(rows, tokenizer)
+    assert batch.images.shape == (2, 3, SIZE, SIZE) and batch.images.dtype == torch.uint8
+    assert batch.images[0, :, 10, 6].tolist() == [255, 0, 0] and batch.images[1, :, 10, 6].tolist() == [0, 0, 255]
+    assert batch.masks.sum().item() == 2 * 64 and batch.masks[0, 8:16, 4:12].all()
+    assert batch.categories.tolist() == [3, 7] and batch.categories.dtype == torch.int64
+    assert batch.expressions == rows["expression"]
+    moved = batch.to("cpu")
+    assert torch.equal(moved.categories, batch.categories)
+
+
+def test_flip_mirrors_image_box_mask_and_words_but_not_the_category(tokenizer: ExpressionTokenizer) -> None:
+    rows = _rows()
+    batch = collate_rows(rows, tokenizer, np.random.default_rng(0), hflip_prob=1.0)
+    assert batch.expressions == ["the red block on the right", "the rightmost blue block"]
+    assert batch.images[0, :, 10, SIZE - 1 - 6].tolist() == [255, 0, 0]
+    assert batch.masks[0, 8:16, SIZE - 12 : SIZE - 4].all() and batch.masks.sum().item() == 2 * 64
+    torch.testing.assert_close(batch.boxes[:, 0], torch.full((2,), 1 - 8 / SIZE))
+    assert batch.categories.tolist() == [3, 7]
+
+
+def test_category_ids_must_fit_the_classifier(tmp_path) -> None:
+    (tmp_path / "train").mkdir()
+    pq.write_table(pa.table({"category_id": pa.array([1, 5, 2], pa.int64())}), tmp_path / "train" / "part-0.parquet")
+    manifest = {"schema_version": SCHEMA_VERSION, "splits": {"train": {"rows": 3, "files": ["part-0.parquet"]}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    fits = load_config(None, [f"data.path={tmp_path}", "model.overrides={categories: 6}", "loss.category=1.0"])
+    _check_categories(fits, 6)
+    too_few = load_config(None, [f"data.path={tmp_path}", "model.overrides={categories: 5}", "loss.category=1.0"])
+    with pytest.raises(ValueError, match=r"run from 1 to 5.*at least 6"):
+        _check_categories(too_few, 5)
+
+
+def test_the_category_loss_needs_the_classifier() -> None:
+    with pytest.raises(ValueError, match=r"loss\.category needs the model's category classifier"):
+        load_config(None, ["loss.category=1.0"])
+    assert load_config(None, ["loss.category=1.0", "model.overrides={categories: 6}"]).loss.category == 1.0
+
+
+def test_a_training_step_learns_the_referred_category() -> None:
+    config = load_config(
+        None, ["model.overrides={categories: 6}", "loss.category=1.0", "loss.attention=2.0", "optim.grad_clip=1.0"]
+    )
+    torch.manual_seed(0)
+    model = build_model(config, vocab_size=64)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=10, optim=config.optim)
+    size = model.config.vision.image_size
+    masks = torch.zeros(2, size, size, dtype=torch.uint8)
+    masks[:, 40:80, 40:80] = 1
+    batch = TrainingBatch(
+        images=torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8),
+        input_ids=torch.tensor([[2, 10, 11, 3], [2, 12, 3, 0]]),
+        attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool),
+        boxes=torch.tensor([[0.47, 0.47, 0.31, 0.31]] * 2),
+        masks=masks,
+        categories=torch.tensor([1, 5]),
+        expressions=["the red circle", "the star"],
+    )
+    criterion = GroundingLoss(config.loss)
+    before = model.box_head.category.weight.detach().clone()
+    losses = train_step(model, batch, criterion, optimizer, scheduler, config.optim.grad_clip)
+    assert {"category", "attention", "loss_det", "loss_seg"} <= set(losses)
+    assert not torch.equal(model.box_head.category.weight, before)
+    expected = losses["loss_det"] + losses["loss_seg"] + config.loss.attention * losses["attention"]
+    torch.testing.assert_close(losses["loss"], expected + losses["category"])

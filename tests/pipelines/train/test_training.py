@@ -1,0 +1,221 @@
+"""Ray Train on the synthetic dataset: it learns, it is tracked in MLflow, it survives a killed worker,
+and it runs through ``ray job submit`` against a real head node."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipelines.train.config import load_config
+from tests.pipelines.job_harness import (
+    PY,
+    REPO,
+    descendants_named,
+    resumed_step,
+    run_job,
+    synthetic_parquet,
+    wait_for_checkpoint,
+)
+from vglaw.checkpoint import WEIGHTS_FILE
+from vglaw.losses import LossWeights
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small synthetic dataset preprocessed for the tiny preset, and an isolated MLflow store."""
+    root = tmp_path_factory.mktemp("train")
+    synthetic_parquet(root, dict(os.environ, RAY_ADDRESS=""), 500, 3, "--num-cpus", "2")
+    return {"root": root, "data": root / "data", "mlflow": root / "mlflow.db", "runs": root / "runs"}
+
+
+def _env(ws: dict[str, Path]) -> dict[str, str]:
+    return dict(
+        os.environ,
+        RAY_ADDRESS="",
+        MLFLOW_TRACKING_URI=f"sqlite:///{ws['mlflow']}",
+        RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0",
+    )
+
+
+def _train_args(ws: dict[str, Path], name: str, *extra: str) -> list[str]:
+    return [
+        PY, "-m", "jobs.train", "--config", "configs/test.yaml",
+        f"data.path={ws['data']}", f"run.storage_path={ws['runs']}", f"run.name={name}", *extra,
+    ]  # fmt: skip
+
+
+def _client(ws: dict[str, Path]):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{ws['mlflow']}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # never the process-wide default registry
+
+
+def _runs_named(ws: dict[str, Path], name: str) -> list:
+    client = _client(ws)
+    experiment = client.get_experiment_by_name(load_config(REPO / "configs/test.yaml").run.experiment)
+    return client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+
+
+@pytest.mark.slow
+def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None:
+    # Compiled, as GPU runs are: torch.compile (inductor on the CPU) wraps the DDP model, and it still learns.
+    result = run_job(_train_args(workspace, "learns", "model.compile=true"), _env(workspace), 1200)
+    assert "2 workers on 1 node(s), fp32, compile True" in result.stdout + result.stderr
+    (run,) = _runs_named(workspace, "learns")
+    client = _client(workspace)
+    config = load_config(REPO / "configs/test.yaml")
+
+    # Params: the full resolved config.
+    assert run.data.params["optim.global_batch_size"] == str(config.optim.global_batch_size)
+    assert run.data.params["model.preset"] == "tiny" and "run.num_workers" in run.data.params
+
+    # It learns: the loss falls, and the validation Prec@0.5 and mask IoU, merged over both workers, end well
+    # above their step-0 values.
+    loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert len(loss) >= 5 and np.mean(loss[-3:]) < 0.9 * np.mean(loss[:3]), loss
+    prec = sorted(client.get_metric_history(run.info.run_id, "val/prec_at_0.5"), key=lambda m: m.step)
+    miou = sorted(client.get_metric_history(run.info.run_id, "val/miou"), key=lambda m: m.step)
+    assert prec[0].step == 0 and prec[-1].value >= prec[0].value + 0.1, [(m.step, m.value) for m in prec]
+    assert miou[0].step == 0 and miou[-1].value >= miou[0].value + 0.15, [(m.step, m.value) for m in miou]
+    for key in ("val/oiou", "train/lr/head", "train/images_per_s", "train/giou", "train/dice", "train/attention"):
+        assert client.get_metric_history(run.info.run_id, key), key
+
+    # Artifacts: config, data manifest, an overlay grid per epoch, the model.
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "data", "overlays"} <= paths
+    overlays = client.list_artifacts(run.info.run_id, "overlays")
+    assert len(overlays) == config.optim.epochs
+
+    # Registry: a version with the best alias, loadable as pyfunc, predicting what the Predictor predicts.
+    import mlflow
+
+    from vglaw import Predictor
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace['mlflow']}")
+    mlflow.set_registry_uri(f"sqlite:///{workspace['mlflow']}")
+    version = client.get_model_version_by_alias(config.run.registered_model_name, "best")
+    assert version.run_id == run.info.run_id
+    image = Image.open(next((workspace["root"] / "raw" / "images").glob("*.jpg"))).convert("RGB")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{config.run.registered_model_name}@best")
+    import base64
+    import io
+
+    import pandas as pd
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    frame = pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()], "expression": ["the red circle"]})
+    answer = pyfunc.predict(frame)
+    direct = Predictor.from_pretrained(workspace["runs"] / "learns" / "model").predict(image, "the red circle")
+    np.testing.assert_allclose(np.asarray(answer["box"].iloc[0], dtype=float), direct.box, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_exactly_where_the_uninterrupted_run_goes(workspace) -> None:
+    """A worker killed mid-epoch resumes from the last checkpoint and ends on the very weights that the same run
+    left alone reaches: same data order, flips, dropout and optimiser state (fp32 on the CPU, bit for bit)."""
+    overrides = ["optim.epochs=2", "optim.max_steps_per_epoch=6", "run.checkpoint_every_steps=2", "run.overlays=0"]
+    run_job(_train_args(workspace, "uninterrupted", *overrides), _env(workspace), 600)
+
+    name = "killed"
+    log = open(workspace["root"] / "killed.log", "w")  # noqa: SIM115
+    args = _train_args(workspace, name, *overrides)
+    driver = subprocess.Popen(args, cwd=REPO, env=_env(workspace), stdout=log, stderr=subprocess.STDOUT)
+    run_dir = workspace["runs"] / name
+    wait_for_checkpoint(driver, run_dir, timeout=400)
+    [killed, *_] = descendants_named(driver.pid, "RayTrainWorker")
+    os.kill(killed.pid, signal.SIGKILL)
+    assert driver.wait(timeout=600) == 0, (workspace["root"] / "killed.log").read_text()[-4000:]
+    assert not killed.is_running()
+    text = (workspace["root"] / "killed.log").read_text()
+    config = load_config(REPO / "configs/test.yaml", overrides[:2])
+    planned = 2 * _steps_per_epoch(workspace, config)
+    assert f"done: step {planned}," in text, text[-3000:]
+    assert 0 < resumed_step(text) < planned, text[-3000:]  # from a checkpoint, not from the start
+    assert len(_runs_named(workspace, name)) == 1
+
+    resumed = load_file(str(run_dir / "model" / WEIGHTS_FILE))
+    reference = load_file(str(workspace["runs"] / "uninterrupted" / "model" / WEIGHTS_FILE))
+    assert resumed.keys() == reference.keys()
+    differing = [key for key in reference if not torch.equal(resumed[key], reference[key])]
+    assert not differing, f"{len(differing)} of {len(reference)} tensors differ, e.g. {differing[:5]}"
+
+
+def _steps_per_epoch(ws: dict[str, Path], config) -> int:
+    from pipelines.data.manifest import read_manifest
+    from pipelines.train.driver import plan_steps_per_epoch
+
+    return plan_steps_per_epoch(config, read_manifest(ws["data"])["splits"]["train"]["rows"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_head_node(workspace) -> None:
+    env = _env(workspace)
+    env.pop("RAY_ADDRESS")
+    # The head node requires Ray's token authentication, as a real cluster should (docs/cluster.md).
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    # Job entrypoints run "python" from the head's PATH: make it this environment's.
+    env["PATH"] = f"{Path(PY).parent}{os.pathsep}{env.get('PATH', '')}"
+    gcs, dashboard = _free_port(), _free_port()
+    ray_bin = str(Path(PY).parent / "ray")
+    run_job(
+        [ray_bin, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--temp-dir={workspace['root'] / 'ray'}"],
+        env,
+        180,
+    )  # fmt: skip
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}})
+        submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json",
+                  runtime_env, "--", "python", "-m", "jobs.train", "--config", "configs/test.yaml",
+                  f"data.path={workspace['data']}", f"run.storage_path={workspace['runs']}", "run.name=submitted",
+                  "optim.epochs=1", "optim.max_steps_per_epoch=3", "run.overlays=0"]  # fmt: skip
+        first = run_job(submit, env, 600)
+        assert "succeeded" in first.stdout.lower() and "done: step 3," in first.stdout
+        # Submitting the same run name again resumes the finished run: no new steps, the same MLflow run.
+        second = run_job(submit, env, 600)
+        assert "resuming MLflow run" in second.stdout and "done: step 3," in second.stdout
+        assert len(_runs_named(workspace, "submitted")) == 1
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.batch_per_worker * config.run.num_workers == config.optim.global_batch_size
+    if config.model.preset == "base":  # the paper's recipe
+        assert (config.optim.lr_backbone, config.optim.lr_head, config.optim.weight_decay) == (4e-5, 4e-4, 1e-4)
+        assert config.optim.decay_epochs == (10, 60) and config.optim.global_batch_size == 256
+        assert config.loss == LossWeights()  # the paper's objective: no attention term
+
+
+def test_precision_and_placement_settings_are_checked() -> None:
+    assert load_config(None).run.precision is None  # the device decides: bf16 on GPU workers, fp32 on CPU ones
+    assert load_config(None, ["run.precision=bf16"]).run.precision == "bf16"
+    with pytest.raises(ValueError, match=r"run\.precision must be one of"):
+        load_config(None, ["run.precision=fp16"])
+    with pytest.raises(ValueError, match="placement_strategy"):
+        load_config(None, ["run.placement_strategy=ANYWHERE"])
+    with pytest.raises(ValueError, match="cpus_per_worker"):
+        load_config(None, ["run.worker_resources={CPU: 2}"])
