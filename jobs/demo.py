@@ -139,15 +139,14 @@ def _ground(url: str, image: Path, expression: str) -> dict[str, Any]:
 def _draw(query: dict[str, Any], answer: dict[str, Any], path: Path) -> Path:
     import numpy as np
     from PIL import Image
-    from pycocotools import mask as mask_utils
 
     from pipelines.evaluate.report import overlay_grid
+    from vglaw.rle import decode_rle
 
     image = Image.open(query["image"]).convert("RGB")
     mask = None
     if answer.get("mask"):
-        rle = {"size": answer["mask"]["size"], "counts": answer["mask"]["counts"].encode()}
-        mask = mask_utils.decode(rle).astype(bool)
+        mask = decode_rle(answer["mask"]["counts"], answer["mask"]["size"]).astype(bool)
     grid = overlay_grid(
         [np.asarray(image)],
         pred_boxes=[answer["box"]],

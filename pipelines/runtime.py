@@ -1,4 +1,4 @@
-"""Process-level helpers every stage shares: starting or joining Ray, pausing the cyclic garbage collector, and
+"""Helpers every stage shares: starting or joining Ray, pausing the cyclic garbage collector, hashing files, and
 the lazy names of the stage packages.
 
 Lazy names: each stage package (``pipelines.data``, ``.train``, ``.evaluate``, ``.serve``, ``.tracking``) names
@@ -14,13 +14,14 @@ REFER parsing time on a 2000-image dataset, all of it serial work before any enc
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ensure_ray", "gc_paused", "lazy_exports"]
+__all__ = ["ensure_ray", "file_sha256", "gc_paused", "lazy_exports"]
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -53,6 +54,15 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (weights files run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:

@@ -23,6 +23,7 @@ from vglaw.tokenizer import ExpressionTokenizer
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The vocab file is the tokenizer's: vglaw.tokenizer.VOCAB_FILE.
 
 
 def save_pretrained(model: VGLAW, tokenizer: ExpressionTokenizer, directory: str | os.PathLike[str]) -> Path:

@@ -6,7 +6,6 @@ The manifest is written last, after every Parquet file, so its presence marks a 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import subprocess
@@ -19,22 +18,12 @@ import pyarrow.parquet as pq
 __all__ = [
     "MANIFEST_NAME",
     "code_version",
-    "file_sha256",
     "parquet_file_rows",
     "read_manifest",
     "write_manifest",
 ]
 
 MANIFEST_NAME = "manifest.json"
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def code_version() -> dict[str, str | None]:

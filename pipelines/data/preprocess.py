@@ -43,10 +43,10 @@ from pipelines.data.encode import (
     rows_to_table,
     unpack_tasks,
 )
-from pipelines.data.manifest import code_version, file_sha256, parquet_file_rows, write_manifest
+from pipelines.data.manifest import code_version, parquet_file_rows, write_manifest
 from pipelines.data.refer import ReferDataset, ReferProblem, ReferSource
 from pipelines.data.schema import COLUMN_DOCS, SCHEMA_VERSION
-from pipelines.runtime import ensure_ray, gc_paused
+from pipelines.runtime import ensure_ray, file_sha256, gc_paused
 
 __all__ = [
     "PreprocessConfig",

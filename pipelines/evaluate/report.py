@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -35,7 +34,6 @@ __all__ = [
     "build_report",
     "data_identity",
     "length_breakdown",
-    "model_identity",
     "overlay_examples",
     "overlay_grid",
     "plot_length_breakdown",
@@ -50,35 +48,6 @@ TRUE_COLOUR = (40, 200, 60)
 # --------------------------------------------------------------------------------------------------
 # JSON report
 # --------------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def model_identity(model_dir: str | os.PathLike[str], source: str | None = None) -> dict[str, Any]:
-    """What identifies a model directory: its preset name, sizes, parameter count and weights hash."""
-    from safetensors import safe_open
-
-    model_dir = Path(model_dir)
-    meta = json.loads((model_dir / "config.json").read_text())
-    config = meta.get("model", {})
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        num_parameters = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
-    return {
-        "source": source if source is not None else str(model_dir),
-        "local_dir": str(model_dir),
-        "name": config.get("name"),
-        "image_size": config.get("vision", {}).get("image_size"),
-        "vocab_size": config.get("text", {}).get("vocab_size"),
-        "max_tokens": meta.get("max_tokens"),
-        "num_parameters": num_parameters,
-        "weights_sha256": _sha256(model_dir / "model.safetensors"),
-    }
 
 
 def data_identity(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -129,7 +98,7 @@ def build_report(
 
     Args:
         evaluations: One per split, from :func:`pipelines.evaluate.inference.evaluate_split`.
-        model: :func:`model_identity`'s output.
+        model: :func:`pipelines.tracking.registry.model_identity`'s output, as a dict.
         data: :func:`data_identity`'s output.
         settings: Run settings (actors, batch size, ...); defaults to the first evaluation's.
         timing: Extra timings in seconds (e.g. ``{"total_s": ...}``).

@@ -14,7 +14,6 @@ from pipelines.evaluate.inference import SplitEvaluation, evaluate_splits, read_
 from pipelines.evaluate.report import (
     build_report,
     data_identity,
-    model_identity,
     overlay_examples,
     plot_length_breakdown,
     write_report,
@@ -94,13 +93,13 @@ class EvaluationOutputs:
 
 def run_evaluation(config: EvaluationConfig, log: Callable[[str], None] = print) -> EvaluationOutputs:
     """Evaluates every split of ``config`` and writes the report, the length plot and the overlays."""
-    from pipelines.tracking.registry import resolve_model
+    from pipelines.tracking.registry import model_identity, resolve_model
     from vglaw import Predictor
 
     started = time.perf_counter()
     model_dir = resolve_model(config.model)
     resolved_s = time.perf_counter() - started
-    model = model_identity(model_dir, source=config.model)
+    model = asdict(model_identity(config.model, model_dir))
     data = data_identity(config.data)
     log(f"model {model['name']} ({model['num_parameters']:,} parameters) from {config.model}")
     ensure_ray()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 import logging
 import threading
@@ -18,7 +17,6 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +24,7 @@ import torch
 from PIL import Image
 from ray import serve
 
-from pipelines.tracking.registry import resolve_model
-from pipelines.tracking.runs import client
+from pipelines.tracking.registry import model_identity, resolve_model
 from vglaw import Grounding, Predictor
 from vglaw.geometry import Letterbox
 from vglaw.rle import encode_mask
@@ -40,8 +37,6 @@ __all__ = [
     "GroundingModel",
     "GroundingOutcome",
     "ItemError",
-    "ModelIdentity",
-    "describe_model",
     "mask_payload",
 ]
 
@@ -134,56 +129,6 @@ class BatchSettings:
         return cls(**config)
 
 
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What the deployment serves: ``name`` and ``version`` (the registry's when known, else a weights hash)."""
-
-    name: str
-    version: str
-    source: str
-    preset: str
-    image_size: int
-    max_tokens: int
-    weights_sha256: str
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe_model(reference: str, directory: Path, predictor: Predictor) -> ModelIdentity:
-    """Names a served model: registry name and version for ``models:/name@alias`` or ``models:/name/N``,
-    else the directory's name; the version falls back to the first 12 hex digits of the weights' SHA-256."""
-    weights_sha = _sha256(directory / "model.safetensors")
-    name, version = directory.name, f"sha256:{weights_sha[:12]}"
-    if reference.startswith("models:/"):
-        path = reference[len("models:/") :]
-        registered, _, alias = path.partition("@")
-        if alias:
-            name = registered
-            try:
-                version = str(client().get_model_version_by_alias(registered, alias).version)
-            except Exception as err:  # a name without a reachable registry is still servable
-                logger.warning("cannot look up %s in the model registry: %s", reference, err)
-        elif "/" in path:
-            name, version = path.split("/", 1)
-        else:
-            name = path
-    return ModelIdentity(
-        name=name,
-        version=version,
-        source=reference,
-        preset=predictor.model.config.name,
-        image_size=predictor.image_size,
-        max_tokens=predictor.tokenizer.max_tokens,
-        weights_sha256=weights_sha,
-    )
-
-
 def mask_payload(mask: np.ndarray, mask_format: str) -> dict[str, Any]:
     """A bool ``[h, w]`` mask as ``{"format": "rle", "size", "counts"}`` or ``{"format": "png", "size", "data"}``.
 
@@ -222,7 +167,7 @@ class GroundingModel:
         directory = resolve_model(model)
         self.predictor = Predictor.from_pretrained(directory, device=device, precision=precision)
         self.model_threshold = self.predictor.mask_threshold
-        self.identity = describe_model(str(model), directory, self.predictor)
+        self.identity = model_identity(model, directory)
         self.settings = BatchSettings()
         # One forward at a time: the batch runs in a worker thread while health probes may run in another.
         self._forward_lock = threading.Lock()

@@ -3,6 +3,9 @@ model reference (a directory or an MLflow URI) to a local model directory."""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -14,12 +17,24 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipelines.runtime import file_sha256
 from pipelines.tracking.runs import configure_mlflow, metric_key, tracking_uri
+from vglaw.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["LoggedVGLAW", "find_model_dir", "log_vglaw_model", "resolve_model", "set_alias_if_best"]
+__all__ = [
+    "LoggedVGLAW",
+    "ModelIdentity",
+    "find_model_dir",
+    "log_vglaw_model",
+    "model_identity",
+    "resolve_model",
+    "set_alias_if_best",
+]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,8 +83,8 @@ def log_vglaw_model(
     from pipelines.tracking import pyfunc
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a VG-LAW model directory (no config.json)")
+    if not (model_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir} is not a VG-LAW model directory (no {CONFIG_FILE})")
     configure_mlflow()
     active = mlflow.active_run()
     if run_id is not None and (active is None or active.info.run_id != run_id):
@@ -127,15 +142,17 @@ def set_alias_if_best(
 
 def find_model_dir(root: str | os.PathLike[str]) -> Path:
     """The VG-LAW model directory inside ``root``: ``root`` itself or, for a downloaded MLflow model, its
-    ``artifacts/<model_dir>``; otherwise the shallowest folder below ``root`` holding ``config.json`` and
-    ``model.safetensors``."""
+    ``artifacts/<model_dir>``; otherwise the shallowest folder below ``root`` holding the config and weights
+    files (:data:`vglaw.checkpoint.CONFIG_FILE`, :data:`vglaw.checkpoint.WEIGHTS_FILE`)."""
+    from pipelines.tracking.pyfunc import MODEL_DIR_ARTIFACT
+
     root = Path(root)
-    candidates = [root, root / "artifacts" / "model_dir"]
-    candidates += sorted((p.parent for p in root.rglob("model.safetensors")), key=lambda p: len(p.parts))
+    candidates = [root, root / "artifacts" / MODEL_DIR_ARTIFACT]
+    candidates += sorted((p.parent for p in root.rglob(WEIGHTS_FILE)), key=lambda p: len(p.parts))
     for folder in candidates:
-        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
             return folder
-    raise FileNotFoundError(f"no VG-LAW model directory (config.json + model.safetensors) in {root}")
+    raise FileNotFoundError(f"no VG-LAW model directory ({CONFIG_FILE} + {WEIGHTS_FILE}) in {root}")
 
 
 def resolve_model(uri_or_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -162,3 +179,72 @@ def resolve_model(uri_or_dir: str | os.PathLike[str], dst_dir: str | os.PathLike
     except (MlflowException, OSError) as err:
         raise FileNotFoundError(f"cannot fetch model {text} from MLflow at {tracking_uri()}: {err}") from err
     return find_model_dir(local)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model this is, as Serve's ``GET /v1/model`` and the evaluation report state it.
+
+    Attributes:
+        name: Registered model name for ``models:/name/N`` or ``models:/name@alias``, else the directory's name.
+        version: Registry version; without one, ``sha256:`` and the first 12 hex digits of the weights' hash.
+        source: The reference the model was loaded from, as given.
+        preset: The model config's name (``tiny``, ``base``, ...).
+        image_size: Input side in pixels.
+        vocab_size: Token embeddings of the text encoder.
+        max_tokens: Expression length the tokenizer keeps.
+        num_parameters: Parameters in the weights file.
+        weights_sha256: Hex SHA-256 of the weights file.
+    """
+
+    name: str
+    version: str
+    source: str
+    preset: str
+    image_size: int
+    vocab_size: int
+    max_tokens: int
+    num_parameters: int
+    weights_sha256: str
+
+
+def model_identity(reference: str | os.PathLike[str], directory: str | os.PathLike[str]) -> ModelIdentity:
+    """Names the model in ``directory``, loaded from ``reference`` (a path or an MLflow URI), without loading it.
+
+    For ``models:/name@alias`` the registry is asked which version the alias points at now; a name whose
+    registry cannot be reached keeps the hash as its version.
+    """
+    from safetensors import safe_open
+
+    reference, directory = os.fspath(reference), Path(directory)
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    config = meta["model"]
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+        num_parameters = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    weights_sha = file_sha256(directory / WEIGHTS_FILE)
+    name, version = directory.name, f"sha256:{weights_sha[:12]}"
+    if reference.startswith("models:/"):
+        path = reference[len("models:/") :]
+        registered, _, alias = path.partition("@")
+        if alias:
+            name = registered
+            try:
+                configure_mlflow()
+                version = str(MlflowClient().get_model_version_by_alias(registered, alias).version)
+            except Exception as err:  # a name without a reachable registry is still servable
+                logger.warning("cannot look up %s in the model registry: %s", reference, err)
+        elif "/" in path:
+            name, version = path.split("/", 1)
+        else:
+            name = path
+    return ModelIdentity(
+        name=name,
+        version=version,
+        source=reference,
+        preset=config["name"],
+        image_size=int(config["vision"]["image_size"]),
+        vocab_size=int(config["text"]["vocab_size"]),
+        max_tokens=int(meta["max_tokens"]),
+        num_parameters=int(num_parameters),
+        weights_sha256=weights_sha,
+    )

@@ -15,10 +15,11 @@ from pycocotools.coco import COCO
 
 from jobs.preprocess import build_parser
 from jobs.preprocess import main as preprocess_main
-from pipelines.data.manifest import file_sha256, read_manifest
+from pipelines.data.manifest import read_manifest
 from pipelines.data.parquet import decode_row, read_split, read_split_table
 from pipelines.data.preprocess import PreprocessConfig, StrictModeError, run_preprocess
 from pipelines.data.synthetic.dataset import SyntheticConfig, generate_synthetic
+from pipelines.runtime import file_sha256
 from tests.pipelines.quirky_refer import QuirkyRefer
 from vglaw.geometry import xywh_to_xyxy
 

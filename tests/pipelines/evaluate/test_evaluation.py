@@ -139,7 +139,7 @@ def test_report_contents(model_dir: Path, data_dir: Path, tmp_path: Path) -> Non
     report = json.loads(out.read_text())
     manifest = read_manifest(data_dir)
     assert report["report_version"] == 1
-    assert report["model"]["name"] == "tiny" and report["model"]["num_parameters"] > 0
+    assert report["model"]["preset"] == "tiny" and report["model"]["num_parameters"] > 0
     assert len(report["model"]["weights_sha256"]) == 64
     assert report["data"]["dataset"] == "synthetic" and report["data"]["image_size"] == 128
     assert list(report["splits"]) == ["val", "testB"]

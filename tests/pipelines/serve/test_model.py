@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipelines.serve.model import GroundingItem, GroundingModel, ItemError, describe_model, mask_payload
+from pipelines.serve.model import GroundingItem, GroundingModel, ItemError, mask_payload
+from pipelines.tracking.registry import model_identity
 from tests.pipelines.serve_harness import save_tiny_model, shapes_image
 from vglaw import Predictor
 from vglaw.geometry import Letterbox
@@ -117,11 +119,15 @@ def test_user_config_changes_batching_and_threshold(replica) -> None:
 
 def test_model_identity(model_dir: Path) -> None:
     predictor = Predictor.from_pretrained(model_dir)
-    local = describe_model(str(model_dir), model_dir, predictor)
+    local = model_identity(str(model_dir), model_dir)
     assert (local.name, local.preset, local.image_size, local.max_tokens) == ("model", "tiny", 128, 40)
+    assert local.vocab_size == predictor.tokenizer.vocab_size
+    assert local.num_parameters == sum(p.numel() for p in predictor.model.parameters())
+    assert local.weights_sha256 == hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
     assert local.version == f"sha256:{local.weights_sha256[:12]}"
-    registered = describe_model("models:/vglaw-refcoco/7", model_dir, predictor)
+    registered = model_identity("models:/vglaw-refcoco/7", model_dir)
     assert (registered.name, registered.version) == ("vglaw-refcoco", "7")
+    assert model_identity("models:/vglaw-refcoco", model_dir).name == "vglaw-refcoco"
 
 
 def test_mask_encodings_round_trip() -> None:
