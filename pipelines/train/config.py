@@ -182,18 +182,60 @@ class TrainConfig:
         return cls(**kwargs)
 
 
+EXTENDS_KEY = "extends"  # a config file's top-level key naming the file it builds on
+
+
+def _merged(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key at every depth; anything else (lists too) replaces."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merged(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def _read_config_file(path: Path, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The sections of the YAML file at ``path``, merged over those of the file it extends, and so on up the chain.
+
+    Args:
+        path: the file to read.
+        extended_by: the files read so far that extend ``path``, the one given to ``load_config`` first.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    resolved = path.resolve()
+    if resolved in extended_by:
+        chain = " -> ".join(str(p) for p in (*extended_by, resolved))
+        raise ValueError(f"config files extend each other in a cycle: {chain}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must be a mapping of sections, not {type(data).__name__}")
+    base = data.pop(EXTENDS_KEY, None)
+    # An empty section (a header with every line under it commented out) reads as null: it sets nothing.
+    data = {section: {} if fields is None else fields for section, fields in data.items()}
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"'{EXTENDS_KEY}' in {path} must be the path of one YAML file, got {base!r}")
+    # NOTE: relative to the extending file, so that a config means the same from any working directory.
+    base_path = resolved.parent / base
+    if not base_path.is_file():
+        raise FileNotFoundError(f"config file {path} extends '{base}', but {base_path} does not exist")
+    return _merged(_read_config_file(base_path, (*extended_by, resolved)), data)
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (or the defaults when ``path`` is None) and apply ``section.field=value`` overrides.
+
+    A config may start with ``extends: <file>``, a path relative to the config itself: it then holds only what
+    differs from that file, which may extend another in turn. Sections merge key by key (lists and other values
+    replace), so a file changes the fields it names and keeps the rest of its base. The overrides apply last.
 
     Values are parsed as YAML, so ``optim.epochs=3``, ``run.use_gpu=true`` and ``model.overrides={depth: 2}``
     all work.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+    data: dict[str, Any] = {} if path is None else _read_config_file(Path(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
