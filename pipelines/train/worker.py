@@ -87,6 +87,26 @@ def build_model(config: TrainConfig, vocab_size: int) -> VGLAW:
     return model
 
 
+def start_training(
+    config: TrainConfig, vocab_size: int, steps_per_epoch: int, rank: int = 0
+) -> tuple[VGLAW, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """A worker's fresh state, before any resume or wrapping: its RNGs seeded, then model, optimiser and schedule.
+
+    NOTE: the order matters: seeding first makes the initial weights a function of ``run.seed + rank``.
+    """
+    _seed_everything(config.run.seed + rank)
+    model = build_model(config, vocab_size)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, steps_per_epoch, config.optim)
+    return model, optimizer, scheduler
+
+
+def flip_rng(seed: int, epoch: int, rank: int, index: int) -> np.random.Generator:
+    """The generator of one batch's flips: a function of (seed, epoch, rank, batch), so a resumed epoch flips as
+    the first try did."""
+    return np.random.default_rng([seed, epoch, rank, index])
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train entry point. ``loop_config`` holds the resolved config, the vocab and the plan."""
     config = TrainConfig.from_dict(loop_config["config"])
@@ -94,11 +114,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tokenizer = ExpressionTokenizer(loop_config["vocab"], max_tokens=loop_config["max_tokens"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    _seed_everything(config.run.seed + rank)
-
-    model = build_model(config, tokenizer.vocab_size)
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, steps_per_epoch, config.optim)
+    model, optimizer, scheduler = start_training(config, tokenizer.vocab_size, steps_per_epoch, rank)
     position = Position()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -146,8 +162,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for index, raw in enumerate(batches):
             if index < position.batch_in_epoch or index >= steps_per_epoch:
                 continue  # already trained on before a restart, or beyond the planned steps
-            # Flips are a function of (seed, epoch, rank, batch), so a resumed epoch flips as the first try did.
-            rng = np.random.default_rng([config.run.seed, position.epoch, rank, index])
+            rng = flip_rng(config.run.seed, position.epoch, rank, index)
             batch = collate_rows(raw, tokenizer, rng, config.data.hflip_prob).to(device)
             step_start = time.perf_counter()
             losses = train_step(ddp_model, batch, criterion, optimizer, scheduler, config.optim.grad_clip, precision)
