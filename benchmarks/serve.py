@@ -42,6 +42,7 @@ import vglaw
 from pipelines.serve.app import build_app, prepare_item
 from pipelines.serve.model import MODEL_DEPLOYMENT, GroundingItem, mask_payload
 from pipelines.serve.requests import GroundRequest, RequestLimits
+from pipelines.serve.settings import ServeSettings
 
 EXPRESSION = "the small red circle left of the blue square"
 
@@ -216,16 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         info: dict[str, Any] = {}
         try:
             for mode, batch_size in (("batching on", args.max_batch_size), ("batching off", 1)):
-                app_args = {
-                    "model": str(model_dir),
-                    "device": args.device,
-                    "num_gpus": args.num_gpus,
-                    "num_cpus": args.replica_cpus,
-                    "max_ongoing_requests": max(64, 2 * args.max_batch_size),
-                    "max_batch_size": batch_size,
-                    "batch_wait_timeout_s": args.batch_wait_timeout_s,
-                }
-                serve.run(build_app(app_args), name="bench", route_prefix="/")
+                settings = ServeSettings(
+                    model=str(model_dir),
+                    device=args.device,
+                    num_gpus=args.num_gpus,
+                    num_cpus=args.replica_cpus,
+                    max_ongoing_requests=max(64, 2 * args.max_batch_size),
+                    max_batch_size=batch_size,
+                    batch_wait_timeout_s=args.batch_wait_timeout_s,
+                )
+                serve.run(build_app(settings), name="bench", route_prefix="/")
                 info = asyncio.run(_model_info(url))
                 request = GroundRequest(data, EXPRESSION)
                 item = prepare_item(request, RequestLimits(), info["image_size"])[0]

@@ -9,7 +9,8 @@ Usage::
 Starts a local Ray (or joins ``RAY_ADDRESS``), deploys the application ``pipelines.serve:build_app`` and serves
 until Ctrl-C (or SIGTERM), then shuts it down. ``--detach`` deploys onto a running cluster and returns. Set
 ``VGLAW_SERVE_TOKEN`` (or ``--token-file``) to require ``Authorization: Bearer <token>`` on ``/v1/*``.
-See docs/api.md.
+The application's flags are generated from :class:`~pipelines.serve.settings.ServeSettings`, so that a command
+line and a Serve config's ``args:`` mean the same settings. See docs/api.md.
 """
 
 from __future__ import annotations
@@ -20,31 +21,95 @@ import os
 import signal
 import sys
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from pipelines.runtime import ensure_ray
-from pipelines.serve.app import TOKEN_ENV, ServeSettings, build_app
-from pipelines.serve.requests import RequestLimits
-from pipelines.tracking.registry import find_model_dir
-from vglaw.precision import PRECISIONS
+from pipelines.serve.app import build_app
+from pipelines.serve.settings import NONE_WORDS, TOKEN_ENV, ServeSettings, optional_base
+from pipelines.tracking.registry import resolve_model
+
+SETTINGS_GROUP = "application (the args of pipelines.serve:build_app, named in brackets where they differ)"
+
+
+def setting_flag(name: str, field: FieldInfo) -> str:
+    """The flag of a settings field: ``--kebab-case`` of its name, unless the field names one (``"flag"``)."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return str(extra.get("flag", "--" + name.replace("_", "-")))
+
+
+def _renamed_note(name: str, flag: str) -> str:
+    """`` [name]`` when the flag is not the plain ``--kebab-case`` of the Serve arg it sets, else nothing."""
+    return "" if flag == "--" + name.replace("_", "-") else f" [{name}]"
+
+
+def _text_to(base: type, optional: bool) -> Callable[[str], Any]:
+    """The argparse ``type`` of a field: ``base`` itself, or for an optional one also ``none`` -> None."""
+    if not optional:
+        return base
+
+    def convert(text: str) -> Any:
+        return None if text.strip().lower() in NONE_WORDS else base(text)
+
+    convert.__name__ = base.__name__  # argparse names it in "invalid float value: ..."
+    return convert
+
+
+def add_setting_flags(group: argparse._ActionsContainer, settings: type[BaseModel]) -> dict[str, str]:
+    """Adds one flag per field of ``settings``, in declaration order, and returns ``{field: flag}``.
+
+    The field gives the flag everything: its name (``dest`` too), type, default or ``required``, and help (the
+    description). A bool becomes ``--flag/--no-flag``, a ``Literal`` a choice; an optional field also takes
+    ``none``. Ranges and cross-field rules stay with the model, which checks the parsed values.
+    """
+    flags: dict[str, str] = {}
+    for name, field in settings.model_fields.items():
+        flag = setting_flag(name, field)
+        base, optional = optional_base(field.annotation)
+        help_text = (field.description or name).replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": name}
+        if field.is_required():
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = field.get_default(call_default_factory=True)
+            shown = "none" if kwargs["default"] is None else kwargs["default"]
+            help_text += f" (default: {shown})"
+        help_text += _renamed_note(name, flag)
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is Literal:
+            kwargs["choices"] = list(typing.get_args(base))
+        else:
+            kwargs["type"] = _text_to(base, optional)
+            kwargs["metavar"] = base.__name__.upper() if base in (int, float) else None
+        group.add_argument(flag, help=help_text, **kwargs)
+        flags[name] = flag
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
+    """The command-line interface: the :class:`ServeSettings` flags plus how and where to run them."""
     p = argparse.ArgumentParser(
         prog="python -m jobs.serve",
         description="Serve image + referring expression -> box + mask over HTTP with Ray Serve: POST /v1/ground "
         "(multipart or JSON), GET /v1/model, GET /healthz, and a web page at /. Blocks until Ctrl-C.",
         epilog=f"Honours RAY_ADDRESS, MLFLOW_TRACKING_URI and {TOKEN_ENV} (the bearer token; unset: no auth). "
         "The same application runs with `serve run pipelines.serve:build_app model=...` or "
-        "`serve deploy cluster/serve.yaml`.",
+        "`serve deploy cluster/serve.yaml`; an optional setting takes `none`.",
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="model directory (from vglaw.save_pretrained) or MLflow URI: models:/name@alias, "
-        "models:/name/version, runs:/<run_id>/<path>",
+    app = p.add_argument_group(SETTINGS_GROUP)
+    add_setting_flags(app, ServeSettings)
+    app.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="INT",
+        help="fixed number of model replicas: sets --min-replicas and --max-replicas",
     )
     net = p.add_argument_group("HTTP")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
@@ -54,55 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--token-file", type=Path, default=None, help=f"read the bearer token from this file instead of ${TOKEN_ENV}"
     )
-    rep = p.add_argument_group("replicas")
-    rep.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="model device (default auto)")
-    rep.add_argument(
-        "--precision",
-        default=None,
-        choices=list(PRECISIONS),
-        help="forward-pass precision, bf16 through autocast (default: bf16 on CUDA, fp32 on the CPU)",
-    )
-    rep.add_argument("--replicas", type=int, default=None, help="fixed number of model replicas (no autoscaling)")
-    rep.add_argument("--min-replicas", type=int, default=1, help="autoscaling: fewest model replicas (default 1)")
-    rep.add_argument("--max-replicas", type=int, default=1, help="autoscaling: most model replicas (default 1)")
-    rep.add_argument(
-        "--target-ongoing-requests", type=float, default=16.0, help="autoscaling target per replica (default 16)"
-    )
-    rep.add_argument(
-        "--max-ongoing-requests", type=int, default=64, help="requests a model replica holds at once (default 64)"
-    )
-    rep.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="CPUs per model replica (default 1)")
-    rep.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (default 0)")
-    rep.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas (default 1)")
-    bat = p.add_argument_group("batching and masks (the model's user_config)")
-    bat.add_argument("--max-batch-size", type=int, default=16, help="most requests per forward pass (default 16)")
-    bat.add_argument(
-        "--batch-wait-timeout-s", type=float, default=0.01, help="how long a batch waits to fill (default 0.01)"
-    )
-    bat.add_argument("--mask-threshold", type=float, default=None, help="mask threshold (default: the model's)")
-    lim = p.add_argument_group("request limits (the ingress's user_config)")
-    lim.add_argument(
-        "--max-image-bytes", type=int, default=RequestLimits.max_image_bytes, help="largest encoded image (10 MiB)"
-    )
-    lim.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=RequestLimits.max_image_pixels,
-        help="largest width * height, checked before decoding (default 4096 * 4096)",
-    )
-    lim.add_argument(
-        "--max-expression-chars",
-        type=int,
-        default=RequestLimits.max_expression_chars,
-        help="longest expression in characters (default 1000)",
-    )
     net.add_argument(
         "--allow-no-auth",
         action="store_true",
         help=f"listen on a non-loopback --host without a token (refused by default; set {TOKEN_ENV} instead)",
     )
     run = p.add_argument_group("Ray")
-    run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all of this machine)")
+    run.add_argument(
+        "--num-cpus",
+        dest="ray_num_cpus",
+        type=int,
+        default=None,
+        metavar="INT",
+        help="CPUs of a local Ray (default: all of this machine)",
+    )
     run.add_argument(
         "--detach",
         action="store_true",
@@ -112,34 +142,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The :func:`pipelines.serve.app.build_app` arguments for the parsed command line."""
-    model = args.model
-    if "://" not in model and not model.startswith(("models:/", "runs:/")):
-        # Replicas may start in another working directory: hand them an absolute model directory.
-        model = str(find_model_dir(Path(model).resolve()))
-    token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
-    min_replicas = args.replicas if args.replicas is not None else args.min_replicas
-    max_replicas = args.replicas if args.replicas is not None else max(args.max_replicas, min_replicas)
-    return {
-        "model": model,
-        "device": args.device,
-        "precision": args.precision,
-        "min_replicas": min_replicas,
-        "max_replicas": max_replicas,
-        "target_ongoing_requests": args.target_ongoing_requests,
-        "max_ongoing_requests": args.max_ongoing_requests,
-        "num_cpus": args.num_cpus_per_replica,
-        "num_gpus": args.num_gpus_per_replica,
-        "ingress_replicas": args.ingress_replicas,
-        "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_timeout_s,
-        "mask_threshold": args.mask_threshold,
-        "max_image_bytes": args.max_image_bytes,
-        "max_image_pixels": args.max_image_pixels,
-        "max_expression_chars": args.max_expression_chars,
-        "auth_token": token or None,
-    }
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """The :class:`ServeSettings` of a parsed command line (``--replicas`` and ``--token-file`` applied).
+
+    Raises:
+        ValueError: If the settings are invalid (a :class:`pydantic.ValidationError`) or two flags conflict.
+        OSError: If the token file cannot be read.
+    """
+    values = {name: getattr(args, name) for name in ServeSettings.model_fields}
+    if args.replicas is not None:
+        values["min_replicas"] = values["max_replicas"] = args.replicas
+    if args.token_file is not None:
+        if values["auth_token"] is not None:
+            raise ValueError("give the token once: --auth-token or --token-file")
+        values["auth_token"] = args.token_file.read_text().strip() or None
+    return ServeSettings.model_validate(values)
+
+
+def describe_errors(err: ValidationError) -> str:
+    """The problems on one line, each naming its flag (and the Serve arg where the names differ)."""
+    fields = ServeSettings.model_fields
+    lines = []
+    for error in err.errors(include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        name = str(error["loc"][0]) if error["loc"] else None
+        if error["type"] != "value_error":  # the project's own messages name the value already
+            message += f" (got {error['input']!r})"
+        if name in fields:
+            flag = setting_flag(name, fields[name])
+            message = f"{flag}{_renamed_note(name, flag)}: {message}"
+        lines.append(message)
+    return "; ".join(lines)
 
 
 def _is_loopback(host: str) -> bool:
@@ -165,12 +198,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        build_args = settings_args(args)
-        ServeSettings.from_args(build_args)
-    except (FileNotFoundError, OSError, ValueError) as err:
+        settings = settings_from_args(args)
+        model_path = settings.model_path()
+        if model_path is not None:
+            # Only a check that fails fast: the reference is passed on as given, and each replica resolves it.
+            resolve_model(model_path)
+    except ValidationError as err:
+        print(f"error: {describe_errors(err)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as err:  # FileNotFoundError included
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not build_args["auth_token"] and not _is_loopback(args.host) and not args.allow_no_auth:
+    has_token = bool(settings.auth_token or os.environ.get(TOKEN_ENV))
+    if not has_token and not _is_loopback(args.host) and not args.allow_no_auth:
         print(
             f"error: --host {args.host} is reachable from other machines and no token is set; set {TOKEN_ENV} "
             "(or --token-file), or pass --allow-no-auth",
@@ -180,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    ensure_ray(args.num_cpus)
+    ensure_ray(args.ray_num_cpus)
     serve.start(http_options={"host": args.host, "port": args.port})
     if not args.detach:
         # NOTE: SIGINT too: a process started in the background of a non-interactive shell inherits SIGINT
@@ -189,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, _stop_on_signal)
     code = 0
     try:
-        serve.run(build_app(build_args), name=args.name, route_prefix=args.route_prefix)
-        auth = "bearer token required on /v1/*" if build_args["auth_token"] else f"no auth (set {TOKEN_ENV} for it)"
+        serve.run(build_app(settings), name=args.name, route_prefix=args.route_prefix)
+        auth = "bearer token required on /v1/*" if has_token else f"no auth (set {TOKEN_ENV} for it)"
         print(f"VG-LAW grounding at http://{args.host}:{args.port}{args.route_prefix} ({auth})", flush=True)
         if args.detach:
             return 0

@@ -19,7 +19,7 @@ __all__ = ["ServeSettings", "build_app"]
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "ServeSettings": "pipelines.serve.app",
+        "ServeSettings": "pipelines.serve.settings",
         "build_app": "pipelines.serve.app",
     },
 )

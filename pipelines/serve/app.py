@@ -1,6 +1,7 @@
 """The Ray Serve grounding application: a FastAPI ingress in front of the batched model deployment.
 
-Build it with :func:`build_app`, the import path that ``serve run``, ``serve deploy`` and ``jobs.serve`` use::
+Build it with :func:`build_app`, the import path that ``serve run``, ``serve deploy`` and ``jobs.serve`` use, from
+:class:`~pipelines.serve.settings.ServeSettings`::
 
     serve run pipelines.serve:build_app model=runs/vglaw-synthetic/model
     serve deploy cluster/serve.yaml
@@ -15,12 +16,9 @@ import dataclasses
 import logging
 import os
 import time
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.serve.model import MODEL_DEPLOYMENT, BatchSettings, GroundingItem, GroundingModel, GroundingOutcome
+from pipelines.serve.model import MODEL_DEPLOYMENT, GroundingItem, GroundingModel, GroundingOutcome
 from pipelines.serve.requests import (
     ApiError,
     GroundRequest,
@@ -55,118 +53,16 @@ from pipelines.serve.schema import (
     ModelInfoResponse,
     error_responses,
 )
+from pipelines.serve.settings import TOKEN_ENV, ServeSettings
 from vglaw.geometry import Letterbox
-from vglaw.precision import check_precision
 
-__all__ = ["INGRESS_DEPLOYMENT", "MODEL_DEPLOYMENT", "TOKEN_ENV", "GroundingAPI", "ServeSettings", "build_app"]
+__all__ = ["INGRESS_DEPLOYMENT", "MODEL_DEPLOYMENT", "GroundingAPI", "build_app"]
 
 logger = logging.getLogger(__name__)
 
 INGRESS_DEPLOYMENT = "GroundingAPI"
-TOKEN_ENV = "VGLAW_SERVE_TOKEN"
 HEALTH_TIMEOUT_S = 5.0
 LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(RequestLimits))
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """Everything :func:`build_app` takes (``serve run ... key=value`` or a Serve config's ``args``).
-
-    Attributes:
-        model: Model directory, or MLflow URI (``models:/name@alias``, ``models:/name/N``, ``runs:/...``).
-        device: ``auto`` (CUDA when the replica has a GPU), ``cpu`` or ``cuda``.
-        precision: ``fp32`` or ``bf16`` (autocast) for the forward pass; None: bf16 on CUDA, fp32 on the CPU.
-        min_replicas: Model replicas at least (and exactly, when equal to ``max_replicas``).
-        max_replicas: Model replicas at most; above ``min_replicas`` the deployment autoscales.
-        target_ongoing_requests: Autoscaling target of ongoing requests per model replica.
-        max_ongoing_requests: Requests one model replica takes at once (caps the batch size).
-        num_cpus: CPUs reserved per model replica (also its torch threads).
-        num_gpus: GPUs per model replica; 0 runs on the CPU.
-        ingress_replicas: Ingress replicas (they decode images, so scale them with the request rate).
-        ingress_num_cpus: CPUs reserved per ingress replica.
-        max_batch_size: Initial ``user_config`` of the model: most requests per forward pass.
-        batch_wait_timeout_s: Initial ``user_config``: how long a batch waits to fill.
-        mask_threshold: Initial ``user_config``: mask probability threshold (None: the model's).
-        max_image_bytes: Initial ingress ``user_config``: largest encoded image.
-        max_image_pixels: Initial ingress ``user_config``: largest width * height.
-        max_expression_chars: Initial ingress ``user_config``: longest expression.
-        auth_token: Bearer token required on ``/v1/*``; defaults to ``$VGLAW_SERVE_TOKEN`` (prefer that: args
-            show up in process lists and Serve configs).
-    """
-
-    model: str
-    device: str = "auto"
-    precision: str | None = None
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 16.0
-    max_ongoing_requests: int = 64
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    ingress_replicas: int = 1
-    ingress_num_cpus: float = 0.25
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
-    mask_threshold: float | None = None
-    max_image_bytes: int = RequestLimits.max_image_bytes
-    max_image_pixels: int = RequestLimits.max_image_pixels
-    max_expression_chars: int = RequestLimits.max_expression_chars
-    auth_token: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model is required: a model directory or models:/name@alias")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        check_precision(self.precision)
-        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
-            replicas = f"{self.min_replicas}, {self.max_replicas}"
-            raise ValueError(f"need 0 <= min_replicas <= max_replicas >= 1, got {replicas}")
-        if self.ingress_replicas < 1 or self.max_ongoing_requests < 1 or self.target_ongoing_requests <= 0:
-            raise ValueError("ingress_replicas, max_ongoing_requests and target_ongoing_requests must be positive")
-        if self.num_cpus < 0 or self.num_gpus < 0 or self.ingress_num_cpus < 0:
-            raise ValueError("num_cpus, num_gpus and ingress_num_cpus must be >= 0")
-        self.batch_settings()
-        self.limits()
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> "ServeSettings":
-        """Settings from builder args; strings (``serve run`` passes ``key=value`` as text) are converted."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown serve args {unknown}; accepted: {sorted(fields)}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{name: _coerce(name, value, hints[name]) for name, value in args.items()})
-
-    def batch_settings(self) -> BatchSettings:
-        """The model deployment's initial ``user_config``."""
-        return BatchSettings(self.max_batch_size, self.batch_wait_timeout_s, self.mask_threshold)
-
-    def limits(self) -> RequestLimits:
-        """The ingress's initial limits."""
-        return RequestLimits(self.max_image_bytes, self.max_image_pixels, self.max_expression_chars)
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Converts a text value to the field's type (int, float, str, or an optional of one)."""
-    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
-    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if optional else hint
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-        if not optional:
-            raise ValueError(f"{name} must not be empty")
-        return None
-    if base is str:
-        return str(value)
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be of type {base.__name__}, got {value!r}")
-    try:
-        converted = base(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be of type {base.__name__}, got {value!r}") from None
-    if base is int and isinstance(value, float) and value != converted:
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    return converted
 
 
 def limits_from_user_config(config: Mapping[str, Any]) -> tuple[RequestLimits, str | None]:
@@ -368,16 +264,20 @@ class GroundingAPI:
             raise ApiError(503, "model_unavailable", f"the model replica failed: {type(err).__name__}") from None
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """The Serve application for ``args`` (see :class:`ServeSettings` for the keys).
+# NOTE: this module has no ``from __future__ import annotations``: Serve reads build_app's parameter annotation
+# at run time and validates the args into it only when it is the ServeSettings class itself, not a string.
+def build_app(args: ServeSettings) -> serve.Application:
+    """The Serve application for ``args``.
 
-    This is the import path ``pipelines.serve:build_app`` of ``serve run`` and Serve config files; a config's
-    ``deployments`` section overrides the options set here (replicas, resources, ``user_config``).
+    This is the import path ``pipelines.serve:build_app`` of ``serve run`` and Serve config files: Serve sees the
+    annotation and validates the ``key=value`` pairs or the config's ``args:`` into :class:`ServeSettings` before
+    calling it. A config's ``deployments`` section overrides the options set here (replicas, resources,
+    ``user_config``). Python callers may pass the same mapping a config holds; it is validated alike.
     """
-    settings = ServeSettings.from_args(args)
-    model = settings.model
-    if not model.startswith(("models:/", "runs:/")) and "://" not in model and Path(model).exists():
-        model = str(Path(model).resolve())  # replicas may start in another working directory
+    settings = ServeSettings.model_validate(args)
+    model, path = settings.model, settings.model_path()
+    if path is not None and path.exists():
+        model = str(path.resolve())  # replicas may start in another working directory
     model_options: dict[str, Any] = {
         "max_ongoing_requests": settings.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import json
+import typing
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import pytest
 import yaml
 from PIL import Image
+from ray import serve
 
 from pipelines.serve.app import (
     INGRESS_DEPLOYMENT,
     MODEL_DEPLOYMENT,
-    ServeSettings,
     build_app,
     limits_from_user_config,
     prepare_item,
@@ -34,6 +37,7 @@ from pipelines.serve.requests import (
     parse_form_request,
     parse_json_request,
 )
+from pipelines.serve.settings import ServeSettings
 from tests.pipelines.serve_harness import encode, shapes_image
 
 REPO = Path(__file__).resolve().parents[3]
@@ -153,27 +157,42 @@ def test_auth() -> None:
 
 
 def test_settings_from_command_line_args(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = ServeSettings.from_args(
+    settings = ServeSettings.model_validate(
         {"model": "m", "max_replicas": "4", "num_gpus": "0.5", "mask_threshold": "none", "max_batch_size": "8"}
     )
     assert (settings.max_replicas, settings.num_gpus, settings.max_batch_size) == (4, 0.5, 8)
     assert settings.mask_threshold is None
+    assert ServeSettings.model_validate({"model": "m", "precision": "NULL", "auth_token": ""}) == ServeSettings(
+        model="m"
+    )
     with pytest.raises(ValueError, match="unknown serve args"):
-        ServeSettings.from_args({"model": "m", "replicas": 2})
-    with pytest.raises(ValueError, match="max_batch_size must be of type int"):
-        ServeSettings.from_args({"model": "m", "max_batch_size": "lots"})
+        ServeSettings.model_validate({"model": "m", "replicas": 2})
+    with pytest.raises(ValueError, match=r"max_batch_size\n.*valid integer"):
+        ServeSettings.model_validate({"model": "m", "max_batch_size": "lots"})
+    with pytest.raises(ValueError, match=r"max_replicas\n.*valid integer, got a number with a fractional part"):
+        ServeSettings.model_validate({"model": "m", "max_replicas": 2.5})
     with pytest.raises(ValueError, match="max_batch_size"):
-        ServeSettings.from_args({"model": "m", "max_batch_size": 0})
+        ServeSettings.model_validate({"model": "m", "max_batch_size": 0})
+    with pytest.raises(ValueError, match="max_batch_size must not be a bool"):
+        ServeSettings.model_validate({"model": "m", "max_batch_size": True})
+    with pytest.raises(ValueError, match=r"mask_threshold must be in \[0, 1\]"):
+        ServeSettings.model_validate({"model": "m", "mask_threshold": 2})
     with pytest.raises(ValueError, match="min_replicas"):
-        ServeSettings.from_args({"model": "m", "min_replicas": 3, "max_replicas": 2})
+        ServeSettings.model_validate({"model": "m", "min_replicas": 3, "max_replicas": 2})
     with pytest.raises(ValueError, match="model is required"):
-        ServeSettings.from_args({"model": ""})
+        ServeSettings.model_validate({"model": ""})
+    with pytest.raises(ValueError, match=r"model\n.*Field required"):
+        ServeSettings.model_validate({})
     with pytest.raises(ValueError, match="precision must be one of"):
-        ServeSettings.from_args({"model": "m", "precision": "fp16"})
+        ServeSettings.model_validate({"model": "m", "precision": "fp16"})
+    with pytest.raises(ValueError, match="max_image_bytes must be a positive int"):
+        ServeSettings.model_validate({"model": "m", "max_image_bytes": 0})
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        settings.model = "other"  # type: ignore[misc]
 
     monkeypatch.setenv("VGLAW_SERVE_TOKEN", "from-env")
     # NOTE: Serve has no public accessor for a built application's deployments, hence the private attributes.
-    ingress = build_app({"model": "m", "min_replicas": "1", "max_replicas": "3"})._bound_deployment
+    ingress = build_app(ServeSettings(model="m", min_replicas=1, max_replicas=3))._bound_deployment
     model = ingress.init_args[0]._bound_deployment
     assert (ingress.name, ingress.init_args[1]) == ("GroundingAPI", "from-env")
     assert (model.name, model.init_args) == ("GroundingModel", ("m", "auto", None))
@@ -183,6 +202,29 @@ def test_settings_from_command_line_args(monkeypatch: pytest.MonkeyPatch) -> Non
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
     assert model.user_config == {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "mask_threshold": None}
     assert ingress.user_config == asdict(RequestLimits())
+
+
+def test_build_app_is_a_typed_application_builder() -> None:
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    # Serve validates the args into the builder's annotation only when that is the model class itself.
+    annotation = inspect.signature(build_app).parameters["args"].annotation
+    assert annotation is ServeSettings and typing.get_type_hints(build_app)["args"] is ServeSettings
+    received: list[object] = []
+
+    def spy(args: ServeSettings) -> serve.Application:
+        received.append(args)
+        return build_app(args)
+
+    spy.__annotations__["args"] = annotation  # a string here: this test module postpones its annotations
+    # `serve run pipelines.serve:build_app key=value ...` hands the builder text; a config's args: are typed.
+    text = {"model": "models:/m@best", "max_replicas": "3", "mask_threshold": "0.5", "num_gpus": "1"}
+    app = call_user_app_builder_with_args_if_necessary(spy, text)
+    assert received == [ServeSettings(model="models:/m@best", max_replicas=3, mask_threshold=0.5, num_gpus=1)]
+    model = app._bound_deployment.init_args[0]._bound_deployment
+    assert model.user_config["mask_threshold"] == 0.5 and model.ray_actor_options["num_gpus"] == 1
+    with pytest.raises(pydantic.ValidationError, match="unknown serve args"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"model": "m", "max_batch": "8"})
 
 
 def test_ingress_user_config() -> None:
@@ -202,7 +244,10 @@ def test_cluster_serve_config_matches_the_application() -> None:
     ServeDeploySchema.model_validate(config)
     (app,) = config["applications"]
     assert app["import_path"] == "pipelines.serve:build_app"
-    ServeSettings.from_args(app["args"])
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    ServeSettings.model_validate(app["args"])
+    call_user_app_builder_with_args_if_necessary(build_app, app["args"])
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT}
     model = deployments[MODEL_DEPLOYMENT]
