@@ -46,8 +46,10 @@ ROW_SCHEMA: pa.Schema = pa.schema(
     metadata={"vglaw.schema_version": str(SCHEMA_VERSION)},
 )
 
-# The columns a training step reads.
+# The columns training reads (ref_id and sent_id key each row's flip decision).
 TRAINING_COLUMNS: tuple[str, ...] = (
+    "ref_id",
+    "sent_id",
     "expression",
     "image",
     "canvas_size",

@@ -7,7 +7,7 @@ Modules:
     config: the typed run configuration.
     driver: plans the run, starts the ``TorchTrainer``, records everything in MLflow.
     worker: what each worker runs (``train_loop_per_worker``): build, resume, train, validate, checkpoint, report.
-    collate: Parquet rows -> model-ready tensors, with the flip augmentation.
+    ingest: Parquet rows decoded in Ray Data tasks, then flipped and moved to the device on the worker.
     optim: the paper's optimiser and learning-rate schedule.
     validation: each worker scores its slice of the validation split; states merge exactly.
 """

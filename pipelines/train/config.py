@@ -56,10 +56,16 @@ class DataSection:
     val_split: str = "val"
     hflip_prob: float = 0.5  # horizontal flip with left/right swapped in the expression
     shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer
+    prefetch_batches: int = 2  # batches each worker's ingest decodes ahead of the step
+    ingest_cpus: float = 1.0  # CPUs per Ray Data decode task (pipelines.train.ingest.encode_training_rows)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError("data.hflip_prob must be in [0, 1]")
+        if self.prefetch_batches < 0:
+            raise ValueError("data.prefetch_batches must be >= 0")
+        if self.ingest_cpus <= 0:
+            raise ValueError("data.ingest_cpus must be > 0")
 
 
 @dataclass

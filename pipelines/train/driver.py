@@ -21,6 +21,7 @@ from pipelines.data.parquet import read_split, read_split_table
 from pipelines.data.schema import EVAL_COLUMNS, TRAINING_COLUMNS
 from pipelines.runtime import ensure_ray
 from pipelines.train.config import TrainConfig
+from pipelines.train.ingest import encode_training_rows
 from pipelines.train.worker import STATE_FILE, train_loop_per_worker
 from vglaw import ExpressionTokenizer
 from vglaw.checkpoint import CONFIG_FILE, WEIGHTS_FILE
@@ -110,6 +111,13 @@ def run_training(config: TrainConfig) -> TrainingSummary:
     block_seed = RandomSeedConfig(seed=config.run.seed, reseed_after_execution=False)
     # Exactly steps_per_epoch global batches per epoch: every worker reports equally often.
     train = train.randomize_block_order(seed=block_seed).limit(steps_per_epoch * config.optim.global_batch_size)
+    # The per-row decode and tokenisation run here, in Ray Data tasks, not on the workers' step thread.
+    train = train.map_batches(
+        encode_training_rows,
+        fn_kwargs={"vocab": tokenizer.vocab, "max_tokens": tokenizer.max_tokens},
+        batch_size=config.batch_per_worker,
+        num_cpus=config.data.ingest_cpus,
+    )
     ordered = DataConfig.default_ingest_options()
     ordered.preserve_order = True  # the splitter then deals blocks to workers by row count, not by timing
     val = read_split(config.data.path, config.data.val_split, columns=list(EVAL_COLUMNS))

@@ -6,6 +6,7 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pipelines.train.collate import TrainingBatch, collate_rows
 from pipelines.train.config import TrainConfig
+from pipelines.train.ingest import TrainingBatch, flip_decisions, to_training_batch
 from pipelines.train.optim import build_optimizer, build_scheduler
 from pipelines.train.validation import validate_on_worker
 from vglaw import ExpressionTokenizer, create_model, save_pretrained
@@ -101,12 +102,6 @@ def start_training(
     return model, optimizer, scheduler
 
 
-def flip_rng(seed: int, epoch: int, rank: int, index: int) -> np.random.Generator:
-    """The generator of one batch's flips: a function of (seed, epoch, rank, batch), so a resumed epoch flips as
-    the first try did."""
-    return np.random.default_rng([seed, epoch, rank, index])
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train entry point. ``loop_config`` holds the resolved config, the vocab and the plan."""
     config = TrainConfig.from_dict(loop_config["config"])
@@ -152,29 +147,36 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while position.epoch < config.optim.epochs:
         epoch_start, epoch_images = time.perf_counter(), 0
         running: dict[str, float] = {}
-        batches = train_shard.iter_batches(
+        wait = _DataWait()
+        batches = train_shard.iter_torch_batches(
             batch_size=config.batch_per_worker,
-            batch_format="numpy",
+            device="cpu",  # to_training_batch moves each batch, after picking its tokens on the host
+            pin_memory=device.type == "cuda",
+            prefetch_batches=config.data.prefetch_batches,
             drop_last=True,
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,
             local_shuffle_seed=_seed_of(config.run.seed, position.epoch, rank),
         )
-        for index, raw in enumerate(batches):
+        for index, (arrays, waited) in enumerate(_timed(batches)):
             if index < position.batch_in_epoch or index >= steps_per_epoch:
                 continue  # already trained on before a restart, or beyond the planned steps
-            rng = flip_rng(config.run.seed, position.epoch, rank, index)
-            batch = collate_rows(raw, tokenizer, rng, config.data.hflip_prob).to(device)
             step_start = time.perf_counter()
+            flips = flip_decisions(
+                config.run.seed, position.epoch, arrays["ref_id"], arrays["sent_id"], config.data.hflip_prob
+            )
+            batch = to_training_batch(arrays, flips, device)
             losses = train_step(ddp_model, batch, criterion, optimizer, scheduler, config.optim.grad_clip, precision)
             position.step += 1
             position.batch_in_epoch = index + 1
             epoch_images += len(batch) * world
+            wait.add(waited, time.perf_counter() - step_start)
             if position.step % config.run.log_every_steps == 0 or position.batch_in_epoch == steps_per_epoch:
                 values = {k: float(v) for k, v in losses.items()}
                 for k, v in values.items():
                     running[k] = v
                 values["lr/backbone"], values["lr/head"] = (g["lr"] for g in optimizer.param_groups)
                 values["images_per_s"] = len(batch) * world / max(time.perf_counter() - step_start, 1e-9)
+                values["data_wait_fraction"] = wait.interval_fraction()
                 logger.log({f"train/{k}": v for k, v in values.items()}, step=position.step)
             every = config.run.checkpoint_every_steps
             if every and position.step % every == 0 and position.batch_in_epoch < steps_per_epoch:
@@ -190,12 +192,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch": position.epoch,
             "step": position.step,
             "epoch_images_per_s": throughput,
+            "train/epoch_data_wait_fraction": wait.fraction(),
             **{f"train/{k}": v for k, v in running.items()},
         }
         logger.log({k: v for k, v in epoch_metrics.items() if k not in ("epoch", "step")}, step=position.step)
         logger.say(
             f"epoch {position.epoch}/{config.optim.epochs} step {position.step}/{total_steps} "
-            f"loss {running.get('loss', float('nan')):.4f} val {_fmt(val)} {throughput:.1f} img/s ETA {eta:.0f}s"
+            f"loss {running.get('loss', float('nan')):.4f} val {_fmt(val)} {throughput:.1f} img/s "
+            f"data wait {wait.fraction():.0%} ETA {eta:.0f}s"
         )
         if rank == 0 and config.run.overlays:
             logger.log_overlays(model, tokenizer, val_data, config.run.overlays, position.epoch)
@@ -240,6 +244,40 @@ def _load_training_state(
     if rng_path.is_file():
         _set_rng_state(torch.load(rng_path, weights_only=False))  # our own file: python/numpy RNG objects
     return Position(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def _timed(batches: Iterable[Any]) -> Iterator[tuple[Any, float]]:
+    """Each item of ``batches`` with the seconds spent blocked waiting for it."""
+    iterator = iter(batches)
+    while True:
+        began = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield item, time.perf_counter() - began
+
+
+class _DataWait:
+    """Time blocked on the next batch against time in the step, for the epoch and since the last log line."""
+
+    def __init__(self) -> None:
+        self.waited = self.stepped = 0.0
+        self._mark = (0.0, 0.0)
+
+    def add(self, waited: float, stepped: float) -> None:
+        self.waited += waited
+        self.stepped += stepped
+
+    def fraction(self) -> float:
+        """Share of the epoch's wall time so far spent waiting for data."""
+        return self.waited / max(self.waited + self.stepped, 1e-9)
+
+    def interval_fraction(self) -> float:
+        """The same share since the previous call."""
+        waited, stepped = self.waited - self._mark[0], self.stepped - self._mark[1]
+        self._mark = (self.waited, self.stepped)
+        return waited / max(waited + stepped, 1e-9)
 
 
 def _seed_of(*parts: int) -> int:

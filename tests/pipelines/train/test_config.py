@@ -97,7 +97,7 @@ PAPER_RECIPE: dict[str, Any] = {
     "loss.category": 0.0,
     "run.num_workers": 8,
     "run.use_gpu": True,
-    "run.cpus_per_worker": 8,
+    "run.cpus_per_worker": 2,
     "run.checkpoint_every_steps": 1000,
 }
 

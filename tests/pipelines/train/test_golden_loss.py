@@ -25,9 +25,9 @@ from PIL import Image
 
 from pipelines.data.encode import encode_canvas
 from pipelines.data.schema import TRAINING_COLUMNS
-from pipelines.train.collate import collate_rows
 from pipelines.train.config import REPO_ROOT, TrainConfig, load_config
-from pipelines.train.worker import flip_rng, start_training, train_step
+from pipelines.train.ingest import collate_rows, flip_decisions
+from pipelines.train.worker import start_training, train_step
 from vglaw.losses import GroundingLoss
 from vglaw.precision import resolve_precision
 from vglaw.rle import encode_mask
@@ -100,6 +100,8 @@ def fixed_rows(count: int, size: int) -> list[dict[str, Any]]:
         x0, x1, y0, y1 = mask_xs.min(), mask_xs.max() + 1, mask_ys.min(), mask_ys.max() + 1
         rows.append(
             {
+                "ref_id": 100 + i,
+                "sent_id": 1000 + i,
                 "expression": f"the {colour} {shape} on the {'left' if target_left else 'right'}",
                 "image": encode_canvas(Image.fromarray(canvas), "png"),
                 "canvas_size": size,
@@ -152,8 +154,10 @@ def run_curve(precision: str = "fp32", threads: int = THREADS) -> list[dict[str,
             for index in range(STEPS_PER_EPOCH):
                 chunk = rows[index * batch_size : (index + 1) * batch_size]
                 columns = {name: [row[name] for row in chunk] for name in TRAINING_COLUMNS}
-                rng = flip_rng(config.run.seed, epoch, 0, index)
-                batch = collate_rows(columns, tokenizer, rng, config.data.hflip_prob).to(device)
+                flips = flip_decisions(
+                    config.run.seed, epoch, columns["ref_id"], columns["sent_id"], config.data.hflip_prob
+                )
+                batch = collate_rows(columns, tokenizer, flips, device)
                 losses = train_step(
                     model, batch, criterion, optimizer, scheduler, config.optim.grad_clip, step_precision
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -91,6 +92,11 @@ def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None
     assert miou[0].step == 0 and miou[-1].value >= miou[0].value + 0.15, [(m.step, m.value) for m in miou]
     for key in ("val/oiou", "train/lr/head", "train/images_per_s", "train/giou", "train/dice", "train/attention"):
         assert client.get_metric_history(run.info.run_id, key), key
+    # The time each worker's step waited for its data, per log interval and per epoch, as a share of wall time.
+    for key in ("train/data_wait_fraction", "train/epoch_data_wait_fraction"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert history and all(0.0 <= m.value <= 1.0 for m in history), key
+    assert re.search(r"data wait \d+%", result.stdout + result.stderr)
 
     # Artifacts: config, data manifest, an overlay grid per epoch, the model.
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}

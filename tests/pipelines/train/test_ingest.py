@@ -1,7 +1,8 @@
-"""Parquet rows -> training batches (decoding, category ids, the flip) and a training step with the category loss."""
+"""Training ingest (decode in Ray Data, flips on the device) against an independent decode, and the category loss."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -10,14 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
-from pipelines.data.encode import encode_canvas
+from pipelines.data.encode import build_image_tasks, encode_canvas, encode_image_task
+from pipelines.data.refer import ReferDataset, ReferSource
 from pipelines.data.schema import SCHEMA_VERSION, TRAINING_COLUMNS
-from pipelines.train.collate import TrainingBatch, collate_rows
 from pipelines.train.config import load_config
 from pipelines.train.driver import _check_categories
+from pipelines.train.ingest import TrainingBatch, collate_rows, encode_training_rows, flip_decisions
 from pipelines.train.optim import build_optimizer, build_scheduler
 from pipelines.train.worker import build_model, train_step
+from tests.pipelines.quirky_refer import QuirkyRefer
+from vglaw.geometry import swap_spatial_words
 from vglaw.losses import GroundingLoss
 from vglaw.rle import encode_mask
 from vglaw.tokenizer import ExpressionTokenizer
@@ -37,6 +42,8 @@ def _rows() -> dict[str, list]:
         masks.append(encode_mask(mask)["counts"])
     box = [8 / SIZE, 12 / SIZE, 8 / SIZE, 8 / SIZE]  # (cx, cy, w, h) of the block
     return {
+        "ref_id": [10, 11],
+        "sent_id": [20, 21],
         "expression": ["the red block on the left", "the leftmost blue block"],
         "image": images,
         "canvas_size": [SIZE, SIZE],
@@ -60,19 +67,68 @@ def test_collate_decodes_rows_with_their_categories(tokenizer: ExpressionTokeniz
     assert batch.images[0, :, 10, 6].tolist() == [255, 0, 0] and batch.images[1, :, 10, 6].tolist() == [0, 0, 255]
     assert batch.masks.sum().item() == 2 * 64 and batch.masks[0, 8:16, 4:12].all()
     assert batch.categories.tolist() == [3, 7] and batch.categories.dtype == torch.int64
-    assert batch.expressions == rows["expression"]
-    moved = batch.to("cpu")
-    assert torch.equal(moved.categories, batch.categories)
+    tokens = tokenizer(rows["expression"])
+    assert torch.equal(batch.input_ids, tokens.input_ids) and torch.equal(batch.attention_mask, tokens.attention_mask)
 
 
 def test_flip_mirrors_image_box_mask_and_words_but_not_the_category(tokenizer: ExpressionTokenizer) -> None:
     rows = _rows()
-    batch = collate_rows(rows, tokenizer, np.random.default_rng(0), hflip_prob=1.0)
-    assert batch.expressions == ["the red block on the right", "the rightmost blue block"]
+    batch = collate_rows(rows, tokenizer, flips=np.array([True, True]))
+    assert torch.equal(batch.input_ids, tokenizer(["the red block on the right", "the rightmost blue block"]).input_ids)
     assert batch.images[0, :, 10, SIZE - 1 - 6].tolist() == [255, 0, 0]
     assert batch.masks[0, 8:16, SIZE - 12 : SIZE - 4].all() and batch.masks.sum().item() == 2 * 64
     torch.testing.assert_close(batch.boxes[:, 0], torch.full((2,), 1 - 8 / SIZE))
     assert batch.categories.tolist() == [3, 7]
+
+
+def _reference(row: dict, flip: bool, tokenizer: ExpressionTokenizer) -> tuple:
+    """One row decoded the plain way: PIL, pycocotools and numpy, as a training sample."""
+    size = row["canvas_size"]
+    image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+    mask = mask_utils.decode({"size": [size, size], "counts": row["mask_canvas_rle"]})
+    box = np.asarray(row["box_cxcywh_norm"], np.float32)
+    expression = row["expression"]
+    if flip:
+        image, mask, box[0] = image[:, ::-1], mask[:, ::-1], 1.0 - box[0]
+        expression = swap_spatial_words(expression)
+    return image.transpose(2, 0, 1), mask, box, expression
+
+
+def test_ingest_matches_a_plain_decode_of_the_rows(quirky_refer: QuirkyRefer, tokenizer: ExpressionTokenizer) -> None:
+    source = ReferSource(quirky_refer.refer_root, "refcoco", "unc", quirky_refer.image_root)
+    rows = [
+        r
+        for task in build_image_tasks(ReferDataset.load(source))
+        for r in encode_image_task(task, quirky_refer.image_root, 64)[0]
+    ]
+    assert len(rows) >= 8
+    columns = {name: [row[name] for row in rows] for name in TRAINING_COLUMNS}
+    flips = flip_decisions(7, 1, columns["ref_id"], columns["sent_id"], 0.5)
+    assert 0 < flips.sum() < len(rows)
+    batch = collate_rows(columns, tokenizer, flips)
+    expected = [_reference(row, bool(f), tokenizer) for row, f in zip(rows, flips)]
+    assert np.array_equal(batch.images.numpy(), np.stack([e[0] for e in expected]))
+    assert np.array_equal(batch.masks.numpy(), np.stack([e[1] for e in expected]))
+    assert np.array_equal(batch.boxes.numpy(), np.stack([e[2] for e in expected]))
+    tokens = tokenizer([e[3] for e in expected])
+    assert torch.equal(batch.input_ids, tokens.input_ids) and torch.equal(batch.attention_mask, tokens.attention_mask)
+    assert batch.categories.tolist() == columns["category_id"]
+    # The Ray Data side alone: fixed-size arrays, both token variants, one row per input row.
+    arrays = encode_training_rows(columns, tokenizer.vocab, tokenizer.max_tokens)
+    assert arrays["input_ids"].shape == (len(rows), 2, tokenizer.max_tokens)
+    assert arrays["image"].shape == (len(rows), 64, 64, 3)
+
+
+def test_flip_decisions_depend_on_seed_epoch_and_row_only() -> None:
+    refs, sents = np.arange(400), np.arange(400) * 3
+    first = flip_decisions(5, 2, refs, sents, 0.5)
+    assert np.array_equal(first, flip_decisions(5, 2, refs, sents, 0.5))
+    assert not np.array_equal(first, flip_decisions(5, 3, refs, sents, 0.5))
+    assert not np.array_equal(first, flip_decisions(6, 2, refs, sents, 0.5))
+    # a row's decision does not depend on the rows around it
+    assert np.array_equal(flip_decisions(5, 2, refs[::-1], sents[::-1], 0.5), first[::-1])
+    assert 160 < first.sum() < 240  # about half of 400
+    assert not flip_decisions(5, 2, refs, sents, 0.0).any() and flip_decisions(5, 2, refs, sents, 1.0).all()
 
 
 def test_category_ids_must_fit_the_classifier(tmp_path) -> None:
@@ -111,7 +167,6 @@ def test_a_training_step_learns_the_referred_category() -> None:
         boxes=torch.tensor([[0.47, 0.47, 0.31, 0.31]] * 2),
         masks=masks,
         categories=torch.tensor([1, 5]),
-        expressions=["the red circle", "the star"],
     )
     criterion = GroundingLoss(config.loss)
     before = model.box_head.category.weight.detach().clone()
