@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -37,14 +36,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from benchmarks.docs_section import write_generated
 from pipelines.data.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
 PLOT = REPO / "docs" / "images" / "convergence.png"
 EXPERIMENT = "vglaw-convergence"
 BLIND_EXPRESSION = "object"  # one word for every row: no information about which object is meant
-SECTION = "## Convergence"
 
 
 @dataclass
@@ -198,9 +196,7 @@ def render_section(result: dict[str, Any], curves: list[Curve]) -> str:
         f"(best {max(curves[0].prec):.3f})."
     )
     category = f", category loss weight {result['category']}" if result.get("category") else ""
-    return f"""{SECTION}
-
-`{result["command"]}`: the demo
+    return f"""`{result["command"]}`: the demo
 configuration (`{result["config"]}`: preset `{result["preset"]}`, {result["image_size"]} px, global batch
 {result["batch"]} on 2 CPU training workers, LAP attention loss weight {result["attention"]}{category}) on the synthetic
 dataset with {result["images"]} images of {result["min_objects"]}-{result["max_objects"]} shapes
@@ -221,13 +217,6 @@ the MLflow experiment `{EXPERIMENT}`.
 
 {_table(curves)}
 """
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    DOCS.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
     client().log_artifact(curves[0].run_id, str(PLOT), "convergence")
     if args.write_docs:
-        write_docs(render_section(result, curves))
+        write_generated("convergence", render_section(result, curves))
     return 0 if result["reached"] else 1
 
 

@@ -32,12 +32,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from benchmarks.docs_section import write_generated
 from pipelines.data.encode import ImageTask, build_image_tasks, chunk_by_split, encode_image_task, rows_to_table
 from pipelines.data.preprocess import PreprocessConfig, run_preprocess
 from pipelines.data.refer import ReferDataset, ReferSource
 from pipelines.data.synthetic.dataset import SyntheticConfig, generate_synthetic
-
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
 def single_process(source: ReferSource, out: Path, image_size: int, rows_per_file: int) -> int:
@@ -210,7 +209,7 @@ def _ray_config(source: ReferSource, out: Path, canvas: int, images_per_task: in
 
 
 def _append_docs(r: dict[str, Any]) -> None:
-    """Appends (or replaces) the "Preprocessing" section of docs/benchmarks.md, leaving others alone."""
+    """Writes the result into the "Preprocessing" section of docs/benchmarks.md (its generated block only)."""
     rounds = len(r["ray_s"])
     paths = (("single-process loop", "loop"), ("plain processes", "processes"), ("Ray Data job", "ray"))
     table = "\n".join(
@@ -218,10 +217,9 @@ def _append_docs(r: dict[str, Any]) -> None:
         f"{r[f'{key}_median_images_per_s']} | {' / '.join(str(r[f'{key}_cpu_s'][role]) for role in CPU_ROLES)} |"
         for label, key in paths
     )
-    section = f"""## Preprocessing
-
-`python -m benchmarks.preprocess --images {r["images"]} --num-cpus {r["num_cpus"]} --repeats {rounds} --write-docs`:
-{r["images"]} synthetic {r["source_size"]} JPEGs (the generator's defaults) -> letterbox
+    command = f"python -m benchmarks.preprocess --images {r['images']} --num-cpus {r['num_cpus']} --repeats {rounds}"
+    section = f"""`{command} --write-docs`:
+{r["images"]} synthetic {r["source_size"]} JPEGs (the benchmark's default size) -> letterbox
 {r["canvas"]}, JPEG q95 canvas, polygon -> RLE masks (original and canvas), sharded Parquet
 ({r["images_per_task"]} images per task). Machine: {r["machine_cpus"]} CPU cores, no GPU; Python {r["python"]},
 Ray {r["ray"]}, local Ray with `num_cpus={r["num_cpus"]}` started before timing (start-up {r["ray_init_s"]} s, not
@@ -244,15 +242,7 @@ processes, reached {r["ray_first_run_images_per_s"]} images/s. CPU seconds are m
 driver process, the workers (the pool's, or Ray's task workers) and the rest of the local Ray (raylet, GCS,
 agents, Ray Data's actors), read with `psutil` before and after each run.
 """
-    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
-    start = text.find("## Preprocessing")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text, encoding="utf-8")
+    write_generated("preprocess", section)
 
 
 if __name__ == "__main__":
