@@ -38,7 +38,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        # NOTE: "local" starts a new instance even when another one runs on this machine (``ray start``); a plain
+        # init would join that one instead, with resources that are not ours to size.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
 
 
 @contextmanager
