@@ -70,7 +70,7 @@ def encode_training_rows(batch: Mapping[str, Any], vocab: Mapping[str, int], max
         max_tokens: Token budget per expression; token rows are padded to it.
 
     Returns:
-        ``image`` [B, 3, S, S] uint8, ``mask`` [B, S, S] uint8, ``box`` [B, 4] float32 (cx, cy, w, h)/S,
+        ``image`` [B, S, S, 3] uint8, ``mask`` [B, S, S] uint8, ``box`` [B, 4] float32 (cx, cy, w, h)/S,
         ``category`` [B] int64, ``ref_id`` and ``sent_id`` [B] int64, and ``input_ids`` [B, 2, max_tokens]
         int64 with ``attention_mask`` [B, 2, max_tokens] bool: row 0 the expression as written, row 1 with its
         spatial words mirrored.
@@ -78,10 +78,11 @@ def encode_training_rows(batch: Mapping[str, Any], vocab: Mapping[str, int], max
     expressions = [str(e) for e in batch["expression"]]
     n = len(expressions)
     size = int(batch["canvas_size"][0])
-    images = np.empty((n, 3, size, size), dtype=np.uint8)  # channels first, as the model takes them
+    # NOTE: channels last, as decoded: the transpose to the model's layout is a copy, cheaper on the device.
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
     masks = np.empty((n, size, size), dtype=np.uint8)
     for i in range(n):
-        images[i] = decode_image(batch["image"][i]).transpose(2, 0, 1)
+        images[i] = decode_image(batch["image"][i])
         masks[i] = decode_rle(batch["mask_canvas_rle"][i], [size, size])
     tokenizer = _tokenizer(tuple(vocab.items()), max_tokens)
     input_ids = np.full((n, 2, max_tokens), tokenizer.pad_id, dtype=np.int64)
@@ -131,11 +132,11 @@ def to_training_batch(
     images, masks, boxes = move(arrays["image"]), move(arrays["mask"]), move(arrays["box"]).float()
     # Mirror only the flipped rows, in place; their indices come from the host, so nothing waits on the device.
     flipped = move(flip.nonzero().flatten())
-    images[flipped] = images[flipped].flip(-1)  # [B, 3, S, S]
-    masks[flipped] = masks[flipped].flip(-1)  # [B, S, S]
+    images[flipped] = images[flipped].flip(2)  # [B, S, S, 3]
+    masks[flipped] = masks[flipped].flip(2)  # [B, S, S]
     boxes[flipped, 0] = 1.0 - boxes[flipped, 0]
     return TrainingBatch(
-        images=images,
+        images=images.permute(0, 3, 1, 2).contiguous(),
         input_ids=move(input_ids[:, :length].contiguous()),
         attention_mask=move(attention[:, :length].contiguous()),
         boxes=boxes,

@@ -116,7 +116,7 @@ def test_ingest_matches_a_plain_decode_of_the_rows(quirky_refer: QuirkyRefer, to
     # The Ray Data side alone: fixed-size arrays, both token variants, one row per input row.
     arrays = encode_training_rows(columns, tokenizer.vocab, tokenizer.max_tokens)
     assert arrays["input_ids"].shape == (len(rows), 2, tokenizer.max_tokens)
-    assert arrays["image"].shape == (len(rows), 3, 64, 64)
+    assert arrays["image"].shape == (len(rows), 64, 64, 3)
 
 
 def test_flip_decisions_depend_on_seed_epoch_and_row_only() -> None:
