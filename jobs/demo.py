@@ -141,9 +141,10 @@ def _draw(query: dict[str, Any], answer: dict[str, Any], path: Path) -> Path:
     from PIL import Image
 
     from pipelines.evaluate.report import overlay_grid
+    from vglaw.images import to_rgb8
     from vglaw.rle import decode_rle
 
-    image = Image.open(query["image"]).convert("RGB")
+    image = to_rgb8(Image.open(query["image"]))
     mask = None
     if answer.get("mask"):
         mask = decode_rle(answer["mask"]["counts"], answer["mask"]["size"]).astype(bool)

@@ -42,6 +42,7 @@ def test_every_entry_point_a_stage_names_exists(stage: str) -> None:
     [
         (r"mask_utils\.(encode|decode)\(", "vglaw/rle.py"),  # the one RLE codec
         (r"hashlib\.sha256\(", "pipelines/runtime.py"),  # the one file hash
+        (r"\.convert\(\s*[\"']RGB[\"']\s*\)", "vglaw/images.py"),  # the one conversion to 8-bit RGB
         (r"def model_identity\(|class ModelIdentity\b", "pipelines/tracking/registry.py"),
         (r"[\"'](model\.safetensors|vocab\.txt)[\"']", "vglaw/"),  # model-directory file names
     ],

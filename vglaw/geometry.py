@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from PIL import Image
 
+from vglaw.images import to_rgb8
+
 if TYPE_CHECKING:
     import torch
 
@@ -221,9 +223,9 @@ class Letterbox:
     def image(self, img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
         """Letterboxes a PIL image onto an RGB canvas.
 
-        Any mode is converted to RGB first. Images with transparency (RGBA, LA, PA, or P with a
-        ``transparency`` entry) are alpha-composited over ``fill``, so transparent pixels look like the
-        padding; other modes (L, CMYK, P, I, ...) use PIL's ``convert("RGB")``.
+        Any mode is converted to 8-bit RGB first by :func:`vglaw.images.to_rgb8`: high bit depths are scaled,
+        not clipped, and images with transparency (RGBA, LA, PA, or P with a ``transparency`` entry) are
+        alpha-composited over ``fill``, so transparent pixels look like the padding.
 
         Args:
             img: Image of size ``(orig_w, orig_h)``.
@@ -234,7 +236,7 @@ class Letterbox:
         """
         if img.size != (self.orig_w, self.orig_h):
             raise ValueError(f"image is {img.size[0]}x{img.size[1]}, letterbox expects {self.orig_w}x{self.orig_h}")
-        rgb = _to_rgb(img, fill)
+        rgb = to_rgb8(img, fill)
         resized = rgb.resize((self.new_w, self.new_h), Image.Resampling.BICUBIC)
         canvas = Image.new("RGB", (self.size, self.size), tuple(fill))
         canvas.paste(resized, (self.pad_x, self.pad_y))
@@ -350,18 +352,6 @@ def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return x.clone()
     shrinking = height < x.shape[-2] or width < x.shape[-1]
     return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking)
-
-
-def _to_rgb(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Converts any PIL mode to RGB, compositing transparent images over ``fill``."""
-    if img.mode == "RGB":
-        return img
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*fill, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from PIL import Image
 from torch import Tensor
 
 from vglaw.geometry import Letterbox, cxcywh_to_xyxy
+from vglaw.images import to_rgb8
 from vglaw.model import VGLAW
 from vglaw.precision import Precision, autocast, resolve_precision
 from vglaw.tokenizer import ExpressionTokenizer
@@ -147,7 +148,8 @@ class Predictor:
         return_mask: bool = True,
         threshold: float | None = None,
     ) -> Grounding | list[Grounding]:
-        """Ground expressions in images (PIL or RGB uint8 arrays [H, W, 3]).
+        """Ground expressions in images (PIL images of any mode, or arrays: RGB uint8 [H, W, 3] and the others
+        :func:`vglaw.images.to_rgb8` reads, e.g. 16-bit greyscale [H, W]).
 
         One image with one expression gives one :class:`Grounding`; lists give a list. One image with several
         expressions grounds each of them in that image.
@@ -161,7 +163,8 @@ class Predictor:
             raise ValueError(f"{len(pictures)} images but {len(texts)} expressions")
         canvases, fits = [], []
         for picture in pictures:
-            picture = picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture))
+            # NOTE: to 8 bits here, not by PIL's convert("RGB"), which clips 16-bit and float samples at 255.
+            picture = to_rgb8(picture if isinstance(picture, Image.Image) else np.asarray(picture))
             fit = Letterbox.fit(picture.width, picture.height, self.image_size)
             canvases.append(to_uint8_tensor(fit.image(picture)))
             fits.append(fit)

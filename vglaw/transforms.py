@@ -7,14 +7,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vglaw.images import to_rgb8
+
 # ImageNet statistics, as ViTDet / SAM / MAE backbones were trained with.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 
 
 def to_uint8_tensor(image: Image.Image | np.ndarray) -> Tensor:
-    """An RGB image (PIL or [H, W, 3] uint8 array) -> [3, H, W] uint8 tensor."""
-    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    """An image (PIL of any mode, see :func:`vglaw.images.to_rgb8`, or an [H, W, 3] uint8 array) -> [3, H, W] uint8."""
+    array = np.asarray(to_rgb8(image) if isinstance(image, Image.Image) else image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {array.dtype} {array.shape}")
     array = np.ascontiguousarray(array)

@@ -22,6 +22,7 @@ from pipelines.data.refer import ReferExpression, UnsafeImagePathError, resolve_
 from pipelines.data.schema import ROW_SCHEMA
 from pipelines.data.segmentation import SegmentationError, segmentation_to_rle
 from vglaw.geometry import Letterbox
+from vglaw.images import to_rgb8
 from vglaw.rle import decode_rle, encode_mask
 
 __all__ = [
@@ -176,10 +177,9 @@ def chunk_by_split(tasks: list[ImageTask], size: int, workers: int = 1) -> list[
 
 
 def open_rgb_ready(path: str | os.PathLike[str]) -> Image.Image:
-    """Opens and fully decodes an image, mapping high-bit-depth modes to 8 bits.
-
-    Palette, alpha, greyscale and CMYK images are left as they are: :meth:`Letterbox.image` converts them
-    to RGB (compositing alpha over the fill colour).
+    """Opens and fully decodes an image, as 8-bit RGB by :func:`vglaw.images.to_rgb8` (the conversion the
+    Predictor and Serve use: 16-bit samples scaled, not clipped; alpha composited over black, the padding
+    colour :func:`encode_image_task` letterboxes with).
 
     Raises:
         OSError: If the file is missing, truncated or not an image.
@@ -190,12 +190,7 @@ def open_rgb_ready(path: str | os.PathLike[str]) -> Image.Image:
     # file-backed PIL image frees its pixels, which would cost a copy of every image here).
     img = Image.open(io.BytesIO(data))
     img.load()  # NOTE: forces a full decode, so a truncated file fails here, not later.
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # PIL's convert("RGB") clips 16-bit values at 255; scale them instead.
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    return img
+    return to_rgb8(img)
 
 
 def encode_canvas(canvas: Image.Image, image_format: str) -> bytes:

@@ -21,6 +21,7 @@ from PIL import Image
 from pipelines.data.manifest import read_manifest
 from pipelines.data.schema import SCHEMA_VERSION
 from vglaw.geometry import Letterbox
+from vglaw.images import to_rgb8
 from vglaw.rle import decode_rle
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def read_split_table(out_dir: str | os.PathLike[str], split: str, columns: Seque
 def decode_image(data: bytes) -> np.ndarray:
     """Decodes the canvas bytes into a ``[S, S, 3]`` uint8 RGB array."""
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(to_rgb8(img))
 
 
 def letterbox_of(row: Mapping[str, Any]) -> Letterbox:

@@ -21,6 +21,7 @@ from pipelines.data.manifest import code_version, read_manifest
 from pipelines.data.parquet import decode_image, letterbox_of
 from vglaw import Predictor
 from vglaw.geometry import xywh_to_xyxy
+from vglaw.images import to_rgb8
 from vglaw.metrics import GroundingMetrics, box_iou_paired
 from vglaw.rle import decode_rle
 
@@ -211,7 +212,7 @@ def overlay_grid(
         return None if seq is None else seq[i]
 
     for i, image in enumerate(images):
-        rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+        rgb = np.asarray(to_rgb8(image) if isinstance(image, Image.Image) else image, dtype=np.uint8)
         h, w = rgb.shape[:2]
         scale = tile_size / max(h, w)
         tw, th = max(1, round(w * scale)), max(1, round(h * scale))

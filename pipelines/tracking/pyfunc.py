@@ -24,10 +24,11 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import Array, ColSpec, DataType, Object, ParamSchema, ParamSpec, Property, Schema
-from PIL import Image
+from PIL import Image, ImageOps
 
 import vglaw
 from vglaw import Predictor
+from vglaw.images import to_rgb8
 from vglaw.rle import encode_mask
 
 MODEL_DIR_ARTIFACT = "model_dir"
@@ -84,7 +85,8 @@ def example_input() -> pd.DataFrame:
 
 
 def decode_image_input(value: Any) -> Image.Image:
-    """An RGB image from encoded bytes, or from a base64 string (a ``data:...;base64,`` prefix is allowed)."""
+    """An 8-bit RGB image (:func:`vglaw.images.to_rgb8`), upright by its EXIF orientation, from encoded bytes or
+    from a base64 string (a ``data:...;base64,`` prefix is allowed)."""
     if isinstance(value, str):
         text = value.split(",", 1)[1] if value.startswith("data:") else value
         try:
@@ -93,8 +95,12 @@ def decode_image_input(value: Any) -> Image.Image:
             raise ValueError("image string is not valid base64") from err
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise ValueError(f"image must be bytes or a base64 string, got {type(value).__name__}")
-    with Image.open(io.BytesIO(bytes(value))) as img:
-        return img.convert("RGB")
+    # NOTE: no ``with``: to_rgb8 returns an RGB image itself, and closing it would free its pixels. Decoding from
+    # memory leaves no file open.
+    img = Image.open(io.BytesIO(bytes(value)))
+    img.load()
+    # EXIF orientation applied, as the Serve endpoint does: a phone photo is grounded the way it is shown.
+    return to_rgb8(ImageOps.exif_transpose(img))
 
 
 class VGLAWPyfunc(PythonModel):
