@@ -15,8 +15,10 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
@@ -25,25 +27,24 @@ import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from pipelines.serve.model import MODEL_DEPLOYMENT, GroundingItem, GroundingModel, GroundingOutcome
+from pipelines.serve.model import MODEL_DEPLOYMENT, GroundingItem, GroundingModel, GroundingOutcome, ItemError
 from pipelines.serve.requests import (
     ApiError,
     GroundRequest,
     RequestLimits,
-    UploadedFile,
     authorize,
     body_kind,
     check_content_length,
     open_image,
-    parse_form_request,
     parse_json_request,
+    parse_multipart_request,
 )
 from pipelines.serve.schema import (
     API_VERSION,
@@ -53,7 +54,7 @@ from pipelines.serve.schema import (
     ModelInfoResponse,
     error_responses,
 )
-from pipelines.serve.settings import TOKEN_ENV, ServeSettings
+from pipelines.serve.settings import TOKEN_ENV, ConnectionLimits, ServeSettings
 from vglaw.geometry import Letterbox
 
 __all__ = ["INGRESS_DEPLOYMENT", "MODEL_DEPLOYMENT", "GroundingAPI", "build_app"]
@@ -62,6 +63,12 @@ logger = logging.getLogger(__name__)
 
 INGRESS_DEPLOYMENT = "GroundingAPI"
 HEALTH_TIMEOUT_S = 5.0
+# A URI scheme of two or more characters (one would be a Windows drive letter).
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
+MODEL_ERROR_MESSAGES = {
+    "inference_failed": "the model failed on this input",
+    "encoding_failed": "encoding the mask failed",
+}
 LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(RequestLimits))
 
 
@@ -86,41 +93,42 @@ def prepare_item(request: GroundRequest, limits: RequestLimits, image_size: int)
     return item, image.width, image.height
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with a 413 as soon as it exceeds ``limit`` bytes."""
+def check_header_size(headers: Sequence[tuple[bytes, bytes]], limit: int) -> None:
+    """Refuses with a 431 a request whose headers (as sent: ``name: value`` lines) exceed ``limit`` bytes.
+
+    NOTE: Ray's proxy runs uvicorn with httptools, which takes headers of any size, and Serve exposes no
+    option for it; this check keeps oversized headers (e.g. cookies) from the rest of the ingress.
+    """
+    size = sum(len(name) + len(value) + 4 for name, value in headers)  # ": " and CRLF
+    if size > limit:
+        raise ApiError(
+            431,
+            "headers_too_large",
+            f"the request headers have {size} bytes; the limit is {limit}",
+            headers={"Connection": "close"},
+        )
+
+
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The request body, refused with a 413 as soon as it exceeds ``limit`` bytes and with a 408 when it has not
+    arrived within ``timeout_s`` seconds (a slow or stalled client must not hold the ingress)."""
     check_content_length(request.headers.get("content-length"), limit)
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the request body did not arrive within {timeout_s:g} s ({total} bytes received)",
+            headers={"Connection": "close"},  # the rest of the body is never read: close, not keep alive
+        ) from None
     return b"".join(chunks)
-
-
-async def parse_multipart(request: Request, body: bytes, limits: RequestLimits) -> GroundRequest:
-    """Parses an already read multipart body with Starlette's parser (python-multipart)."""
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    fields: dict[str, list[str | UploadedFile]] = {}
-    try:
-        form = await Request(request.scope, receive=replay).form(max_files=1, max_fields=16, max_part_size=64 * 1024)
-    except StarletteHTTPException as err:
-        raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed: {err.detail}") from None
-    except Exception as err:  # python-multipart raises its own types for broken framing
-        raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed: {err}") from None
-    try:
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                part: str | UploadedFile = UploadedFile(value.filename, value.content_type, await value.read())
-            else:
-                part = value
-            fields.setdefault(name, []).append(part)
-    finally:
-        await form.close()
-    return parse_form_request(fields, limits)
 
 
 app = FastAPI(
@@ -135,16 +143,60 @@ async def _api_error(_: Request, err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+def model_error(error: ItemError) -> ApiError:
+    """The client's answer for an item the model replica refused or failed: always a 5xx.
+
+    The ingress validated the request, so a refusal (4xx) by the replica is a disagreement between the two, a
+    server fault; the replica's message stays in the logs, since it may quote server internals.
+    """
+    if error.status < 500:
+        logger.error("the model replica refused a validated item: %s (%d): %s", error.code, error.status, error.message)
+        return ApiError(500, "internal_error", "unexpected server error")
+    logger.warning("the model failed on an item: %s: %s", error.code, error.message)
+    return ApiError(error.status, error.code, MODEL_ERROR_MESSAGES.get(error.code, "the model failed on this input"))
+
+
+def public_source(source: str) -> str:
+    """The model's source as clients may see it: a URI (``models:/name@alias``, ``s3://...``) as given, without
+    credentials; a local path (or ``file:`` URI) by its last component only, so that no server path leaks."""
+    if not _URI.match(source) or source.lower().startswith("file:"):
+        return re.split(r"[\\/]", source.rstrip("\\/"))[-1]
+    scheme, sep, rest = source.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:  # user:password@host
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+def http_layer_error(request: Request, err: StarletteHTTPException) -> ApiError:
+    """The documented error for one raised by Starlette or FastAPI themselves (unknown path, wrong method, ...)."""
+    status, headers = err.status_code, dict(getattr(err, "headers", None) or {})
+    if status == 404:
+        return ApiError(404, "not_found", f"no such path: {request.url.path}", headers=headers)
+    if status == 405:
+        allowed = headers.get("Allow", "")
+        message = f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}"
+        return ApiError(405, "method_not_allowed", message, headers=headers)
+    if 400 <= status < 500:
+        return ApiError(status, "http_error", str(err.detail), headers=headers)
+    logger.error("HTTP layer error %d: %s", status, err.detail)
+    return ApiError(500, "internal_error", "unexpected server error")
+
+
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-    body = ApiError(err.status_code, code, str(err.detail)).body()
-    return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    return await _api_error(request, http_layer_error(request, err))
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
     return JSONResponse(ApiError(422, "invalid_request", str(err.errors())).body(), status_code=422)
+
+
+@app.exception_handler(ClientDisconnect)
+async def _client_disconnect(request: Request, _: ClientDisconnect) -> Response:
+    # The client left while its body was being read: nothing is wrong here and nobody reads the answer.
+    logger.info("client disconnected during %s %s", request.method, request.url.path)
+    return Response(status_code=499)  # nginx's "client closed request", as Ray's proxy counts it
 
 
 @app.exception_handler(Exception)
@@ -162,10 +214,14 @@ class GroundingAPI:
     Args:
         model: Handle to the :class:`GroundingModel` deployment.
         auth_token: Bearer token for ``/v1/*``; None falls back to ``$VGLAW_SERVE_TOKEN`` in this replica.
+        connection: Body deadline, header limit and ``Retry-After``; None: the defaults.
     """
 
-    def __init__(self, model: DeploymentHandle, auth_token: str | None = None) -> None:
+    def __init__(
+        self, model: DeploymentHandle, auth_token: str | None = None, connection: ConnectionLimits | None = None
+    ) -> None:
         self.model = model
+        self.connection = connection or ConnectionLimits()
         self._init_token = auth_token or os.environ.get(TOKEN_ENV) or None
         self.auth_token = self._init_token
         self.limits = RequestLimits()
@@ -179,30 +235,38 @@ class GroundingAPI:
 
     async def _info(self) -> dict[str, Any]:
         if self._model_info is None:  # the served model does not change for the deployment's life
-            self._model_info = await self.model.info.remote()
+            with self._model_errors():
+                self._model_info = await self.model.info.remote()
         return self._model_info
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         """The web page: choose an image, type an expression, see the box and mask."""
         return HTMLResponse(self._page)
 
-    @app.get("/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    @app.api_route(
+        "/healthz", methods=["GET", "HEAD"], response_model=HealthResponse, responses={503: {"model": HealthResponse}}
+    )
     async def healthz(self) -> JSONResponse:
-        """200 when a model replica answers within a few seconds, else 503. Needs no token."""
+        """200 when a model replica answers within a few seconds, else 503. Needs no token (GET or HEAD)."""
         try:
             info = await asyncio.wait_for(self.model.info.remote(), timeout=HEALTH_TIMEOUT_S)
         except Exception as err:
-            body = HealthResponse(status="unavailable", detail=f"{type(err).__name__}: {err}")
+            # Only the type: the message of a failed replica may name files on the server.
+            logger.warning("health check failed: %s: %s", type(err).__name__, err)
+            body = HealthResponse(status="unavailable", detail=type(err).__name__)
             return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
         model = {"name": info["name"], "version": info["version"]}
         return JSONResponse(HealthResponse(status="ok", model=model).model_dump(exclude_none=True))
 
-    @app.get("/v1/model", response_model=ModelInfoResponse, responses=error_responses(401, 503))
+    @app.get("/v1/model", response_model=ModelInfoResponse, responses=error_responses(401, 431, 503))
     async def model_info(self, request: Request) -> ModelInfoResponse:
         """The served model, limits, batching settings and the answering model replica's counters."""
+        check_header_size(request.scope["headers"], self.connection.max_header_bytes)
         authorize(request.headers.get("authorization"), self.auth_token)
-        info, stats = await asyncio.gather(self.model.info.remote(), self.model.stats.remote())
+        with self._model_errors():
+            info, stats = await asyncio.gather(self.model.info.remote(), self.model.stats.remote())
+        info = {**info, "source": public_source(info["source"])}
         return ModelInfoResponse(
             api_version=API_VERSION, model=info, limits=asdict(self.limits), auth=bool(self.auth_token), stats=stats
         )
@@ -210,21 +274,23 @@ class GroundingAPI:
     @app.post(
         "/v1/ground",
         response_model=GroundResponse,
-        responses=error_responses(400, 401, 413, 415, 422, 503),
+        responses=error_responses(400, 401, 408, 413, 415, 422, 431, 500, 503),
         openapi_extra=GROUND_REQUEST_BODY,
     )
     async def ground(self, request: Request) -> GroundResponse:
         """Grounds an expression in an image: multipart (``image`` file + ``expression``) or JSON with base64."""
         start = time.perf_counter()
+        check_header_size(request.scope["headers"], self.connection.max_header_bytes)
         authorize(request.headers.get("authorization"), self.auth_token)
         limits = self.limits
         kind = body_kind(request.headers.get("content-type"))
-        body = await read_body(request, limits.max_request_bytes)
+        body = await read_body(request, limits.max_request_bytes, self.connection.body_timeout_s)
         read_done = time.perf_counter()
         if kind == "json":
             parsed = await asyncio.to_thread(parse_json_request, body, limits)
         else:
-            parsed = await parse_multipart(request, body, limits)
+            content_type = request.headers.get("content-type")
+            parsed = await asyncio.to_thread(parse_multipart_request, body, content_type, limits)
         info = await self._info()
         # Decoding is CPU work: a thread keeps this replica's event loop serving other requests meanwhile.
         item, width, height = await asyncio.to_thread(prepare_item, parsed, limits, info["image_size"])
@@ -232,7 +298,7 @@ class GroundingAPI:
         outcome = await self._call_model(item)
         model_done = time.perf_counter()
         if outcome.error is not None:
-            raise ApiError(outcome.error.status, outcome.error.code, outcome.error.message)
+            raise model_error(outcome.error)
         return GroundResponse(
             box=outcome.box,
             box_normalized=outcome.box_normalized,
@@ -256,12 +322,20 @@ class GroundingAPI:
         )
 
     async def _call_model(self, item: GroundingItem) -> GroundingOutcome:
-        try:
+        with self._model_errors():
             return await self.model.ground.remote(item)
+
+    @contextmanager
+    def _model_errors(self) -> Iterator[None]:
+        """Calls to the model deployment: a full queue (``max_queued_requests``) or a lost replica is a 503 to retry."""
+        retry = {"Retry-After": str(self.connection.retry_after_s)}
+        try:
+            yield
         except BackPressureError as err:
-            raise ApiError(503, "overloaded", f"the model is at capacity, retry later: {err}") from None
+            raise ApiError(503, "overloaded", f"the model is at capacity, retry later: {err}", headers=retry) from None
         except ray.exceptions.RayError as err:
-            raise ApiError(503, "model_unavailable", f"the model replica failed: {type(err).__name__}") from None
+            message = f"the model replica failed: {type(err).__name__}"
+            raise ApiError(503, "model_unavailable", message, headers=retry) from None
 
 
 # NOTE: this module has no ``from __future__ import annotations``: Serve reads build_app's parameter annotation
@@ -278,23 +352,28 @@ def build_app(args: ServeSettings) -> serve.Application:
     model, path = settings.model, settings.model_path()
     if path is not None and path.exists():
         model = str(path.resolve())  # replicas may start in another working directory
+    # NOTE: the model's queue is at each caller (the ingress replicas' handles), whose BackPressureError the
+    # ingress answers as JSON; the ingress's queue is at the proxies, which answer for it themselves.
+    backpressure = {"status_code": 503, "retry_after_s": settings.retry_after_s}
     model_options: dict[str, Any] = {
         "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+        "backpressure_config": backpressure,
         "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
         "user_config": asdict(settings.batch_settings()),
     }
-    if settings.max_replicas > settings.min_replicas:
-        model_options["autoscaling_config"] = {
-            "min_replicas": settings.min_replicas,
-            "max_replicas": settings.max_replicas,
-            "target_ongoing_requests": settings.target_ongoing_requests,
-        }
+    autoscaling = settings.autoscaling_config()
+    if autoscaling is not None:
+        model_options["autoscaling_config"] = autoscaling
     else:
         model_options["num_replicas"] = settings.max_replicas
     model_app = GroundingModel.options(**model_options).bind(model, settings.device, settings.precision)
     ingress = GroundingAPI.options(
         num_replicas=settings.ingress_replicas,
+        max_queued_requests=settings.ingress_max_queued_requests,
+        backpressure_config=backpressure,
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
         user_config=asdict(settings.limits()),
     )
-    return ingress.bind(model_app, settings.auth_token or os.environ.get(TOKEN_ENV) or None)
+    token = settings.auth_token or os.environ.get(TOKEN_ENV) or None
+    return ingress.bind(model_app, token, settings.connection_limits())

@@ -13,13 +13,22 @@ import binascii
 import hmac
 import io
 import json
+import logging
 import math
+import re
+import unicodedata
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from python_multipart import MultipartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
+
+from vglaw.images import to_rgb8
 
 # Formats PIL may open: the common web ones. Leaving out the rest (TIFF, PSD, EPS, ...) keeps PIL's rarer
 # and historically less robust decoders away from untrusted bytes.
@@ -27,11 +36,91 @@ ALLOWED_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MASK_FORMATS = ("rle", "png")
 # Room for the multipart framing and the other form fields on top of the image itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
-FIELD_MAX_BYTES = 64 * 1024
 GROUND_FIELDS = frozenset({"image", "expression", "return_mask", "mask_format", "threshold"})
+# A JSON integer with more digits than this is refused before Python converts it (its own limit is 4300 digits).
+JSON_MAX_INT_DIGITS = 100
+# RFC 2046 caps a multipart boundary at 70 characters.
+MULTIPART_MAX_BOUNDARY = 70
+
+# Unicode categories that show nothing: separators, controls, format characters (ZWSP, ZWJ, BOM, ...).
+_INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+# Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties.txt) outside those categories too:
+# Hangul fillers, variation selectors, the combining grapheme joiner and the like. The braille blank is added.
+_DEFAULT_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F),
+    (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x2800, 0x2800), (0x3164, 0x3164), (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)  # fmt: skip
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+# python-multipart logs a warning for each malformed body it meets; that is the client's mistake, answered with
+# a 400 that carries the same text, so its parser logs here, below the default level.
+_MULTIPART_LOG = logging.getLogger(f"{__name__}.multipart")
+_MULTIPART_LOG.setLevel(logging.ERROR)
 
 MaskFormat = Literal["rle", "png"]
 BodyKind = Literal["json", "multipart"]
+
+
+class ErrorCode(NamedTuple):
+    """One documented error: its HTTP status (``"4xx"`` where the HTTP layer chooses) and when it happens."""
+
+    status: str
+    when: str
+
+
+# Every ``code`` a client can receive, defined once. docs/api.md lists exactly these (a test compares them, and
+# checks every ApiError raised in pipelines/serve against this table). 4xx: the client's mistake; 5xx: ours.
+ERROR_CODES: dict[str, ErrorCode] = {
+    "empty_body": ErrorCode("400", "the request body is empty"),
+    "bad_content_length": ErrorCode("400", "the Content-Length header is not an integer"),
+    "malformed_json": ErrorCode(
+        "400",
+        "the JSON body cannot be parsed: not JSON, not an object, nested too deeply, an integer over "
+        f"{JSON_MAX_INT_DIGITS} digits, or NaN/Infinity",
+    ),
+    "malformed_multipart": ErrorCode(
+        "400", "the multipart body cannot be parsed: no boundary, broken framing, a part without a name"
+    ),
+    "invalid_base64": ErrorCode("400", "the JSON `image` is not base64, or not a `data:<type>;base64,<data>` URL"),
+    "empty_image": ErrorCode("400", "the image has 0 bytes"),
+    "invalid_image": ErrorCode("400", "not a JPEG, PNG, WebP, GIF or BMP, or undecodable"),
+    "truncated_image": ErrorCode("400", "the image data ends early"),
+    "unauthorized": ErrorCode("401", "a token is configured and `Authorization: Bearer <token>` is missing or wrong"),
+    "not_found": ErrorCode("404", "no such path"),
+    "method_not_allowed": ErrorCode("405", "the path exists but not for this method (the `Allow` header lists them)"),
+    "body_timeout": ErrorCode("408", "the body did not arrive within `body_timeout_s` (a slow or stalled client)"),
+    "request_too_large": ErrorCode("413", "the body exceeds the image limit (as base64) plus 64 KiB"),
+    "image_too_large": ErrorCode("413", "the image exceeds `max_image_bytes`"),
+    "too_many_pixels": ErrorCode(
+        "413",
+        "width x height exceeds `max_image_pixels`, read from the header before decoding "
+        "(decompression bombs end here)",
+    ),
+    "unsupported_media_type": ErrorCode("415", "a Content-Type other than multipart/form-data or application/json"),
+    "missing_field": ErrorCode("422", "`image` or `expression` is missing (a JSON null counts as missing)"),
+    "unknown_field": ErrorCode("422", "a field name outside the accepted ones (a typo)"),
+    "duplicate_field": ErrorCode("422", "a field sent twice: a repeated multipart part or a repeated JSON key"),
+    "invalid_field": ErrorCode("422", "a field of the wrong type or out of range (e.g. `threshold` 1.5)"),
+    "invalid_text": ErrorCode(
+        "422",
+        "a text field is not valid Unicode: invalid UTF-8 in a multipart part or JSON string, or a lone "
+        "surrogate escape such as `\\ud800`",
+    ),
+    "empty_expression": ErrorCode(
+        "422", "the expression is empty or only invisible characters (whitespace, zero-width, format characters)"
+    ),
+    "expression_too_long": ErrorCode("422", "the expression has more than `max_expression_chars` characters"),
+    "invalid_request": ErrorCode("422", "the HTTP layer's own request validation failed"),
+    "headers_too_large": ErrorCode("431", "the request headers exceed `max_header_bytes`"),
+    "http_error": ErrorCode("4xx", "another refusal by the HTTP layer, with its status"),
+    "internal_error": ErrorCode("500", "a fault of the server (logged there); not caused by the request"),
+    "inference_failed": ErrorCode("500", "the model failed on this input (other requests of its batch are unaffected)"),
+    "encoding_failed": ErrorCode("500", "encoding this request's mask failed"),
+    "overloaded": ErrorCode("503", "the model is at capacity; retry later"),
+    "model_unavailable": ErrorCode("503", "no model replica could take the request; retry"),
+}
 
 
 class ApiError(Exception):
@@ -51,8 +140,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
-        self.message = message
-        self.field = field
+        # Both may quote what the client sent: made encodable (a lone surrogate would fail the JSON response).
+        self.message = _printable(message)
+        self.field = None if field is None else _printable(field[:100])
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -107,6 +197,17 @@ class GroundRequest:
     return_mask: bool = True
     mask_format: MaskFormat = "rle"
     threshold: float | None = None
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX`` escapes, so that it encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A short ``repr`` of a client's value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,15 +270,49 @@ def authorize(header: str | None, token: str | None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _text(value: str, name: str) -> str:
+    """``value`` if it is valid Unicode text; a 422 ``invalid_text`` if it holds a surrogate code point.
+
+    Surrogates come from a JSON escape such as ``"\\ud800"`` or from invalid UTF-8 (decoded with
+    ``surrogateescape``); neither is text, and the model's tokeniser cannot encode them.
+    """
+    if _SURROGATE.search(value):
+        raise ApiError(
+            422,
+            "invalid_text",
+            f"{name} is not valid Unicode text (invalid UTF-8, or a lone surrogate such as \\ud800)",
+            field=name,
+        )
+    return value
+
+
+def _utf8(data: bytes) -> str:
+    """Client bytes as text; invalid UTF-8 becomes lone surrogates, which :func:`_text` then refuses."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _is_invisible(char: str) -> bool:
+    """Whitespace, controls, format characters (zero-width space, BOM, ...) and other default-ignorables."""
+    if char.isspace() or unicodedata.category(char) in _INVISIBLE_CATEGORIES:
+        return True
+    code = ord(char)
+    return any(low <= code <= high for low, high in _DEFAULT_IGNORABLE)
+
+
 def parse_expression(value: Any, limits: RequestLimits) -> str:
-    """The expression, stripped; 422 when it is not a string, blank, or over the character limit."""
+    """The expression, stripped; 422 when it is not text, shows nothing, or is over the character limit."""
     if value is None:
         raise ApiError(422, "missing_field", "the expression is missing", field="expression")
     if not isinstance(value, str):
         raise ApiError(422, "invalid_field", "the expression must be a string", field="expression")
-    text = value.strip()
-    if not text:
-        raise ApiError(422, "empty_expression", "the expression is empty or only whitespace", field="expression")
+    text = _text(value, "expression").strip()
+    if all(_is_invisible(char) for char in text):
+        raise ApiError(
+            422,
+            "empty_expression",
+            "the expression is empty or only invisible characters (whitespace, zero-width or format characters)",
+            field="expression",
+        )
     if len(text) > limits.max_expression_chars:
         raise ApiError(
             422,
@@ -194,25 +329,29 @@ def parse_bool(value: Any, name: str, default: bool) -> bool:
         return default
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-        return False
-    raise ApiError(422, "invalid_field", f"{name} must be true or false, got {value!r}", field=name)
+    if isinstance(value, str):
+        word = _text(value, name).strip().lower()
+        if word in ("true", "1", "yes", "on"):
+            return True
+        if word in ("false", "0", "no", "off"):
+            return False
+    raise ApiError(422, "invalid_field", f"{name} must be true or false, got {_shown(value)}", field=name)
 
 
 def parse_threshold(value: Any) -> float | None:
-    """A mask probability threshold in [0, 1], or None for the model's default."""
+    """A mask probability threshold in [0, 1] (a JSON number or a decimal string), or None for the model's."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
-        raise ApiError(422, "invalid_field", "threshold must be a number in [0, 1]", field="threshold")
+    if isinstance(value, str) and _DECIMAL.fullmatch(_text(value, "threshold").strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(422, "invalid_field", f"threshold must be a number, got {_shown(value)}", field="threshold")
     try:
         threshold = float(value)
-    except (TypeError, ValueError):
-        raise ApiError(422, "invalid_field", f"threshold must be a number, got {value!r}", field="threshold") from None
+    except OverflowError:  # an int beyond the float range
+        threshold = math.inf
     if not 0.0 <= threshold <= 1.0:  # also rejects NaN
-        raise ApiError(422, "invalid_field", f"threshold must be in [0, 1], got {value!r}", field="threshold")
+        raise ApiError(422, "invalid_field", f"threshold must be in [0, 1], got {_shown(value)}", field="threshold")
     return threshold
 
 
@@ -220,18 +359,25 @@ def parse_mask_format(value: Any) -> MaskFormat:
     """``"rle"`` (the default) or ``"png"``."""
     if value is None or value == "":
         return "rle"
-    if not isinstance(value, str) or value.strip().lower() not in MASK_FORMATS:
+    word = _text(value, "mask_format").strip().lower() if isinstance(value, str) else None
+    if word not in MASK_FORMATS:
         raise ApiError(422, "invalid_field", f"mask_format must be one of {list(MASK_FORMATS)}", field="mask_format")
-    return value.strip().lower()  # type: ignore[return-value]
+    return word  # type: ignore[return-value]
 
 
 def decode_base64_image(value: Any, limits: RequestLimits) -> bytes:
-    """Image bytes from a base64 string (standard alphabet; a ``data:...;base64,`` prefix is allowed)."""
+    """Image bytes from a base64 string (standard alphabet; a ``data:<type>;base64,`` prefix is allowed)."""
     if value is None:
         raise ApiError(422, "missing_field", "the image is missing", field="image")
     if not isinstance(value, str):
         raise ApiError(422, "invalid_field", "image must be a base64 string", field="image")
-    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    text = _text(value, "image")
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise ApiError(
+                400, "invalid_base64", "an image data URL must read data:<type>;base64,<data>", field="image"
+            )
     text = "".join(text.split())  # line-wrapped base64 (76 columns, as MIME writes it) is fine
     if len(text) * 3 // 4 > limits.max_image_bytes + 2:
         raise ApiError(
@@ -241,6 +387,20 @@ def decode_base64_image(value: Any, limits: RequestLimits) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "invalid_base64", "image is not valid base64", field="image") from None
+
+
+def _check_names(names: Sequence[str]) -> None:
+    """Refuses the first name, in order of appearance, that was sent twice (422) or is not a field (422).
+
+    Both body types go through here, so that the same mistake gets the same code in JSON and multipart.
+    """
+    for name, count in Counter(names).items():
+        if count > 1:
+            raise ApiError(422, "duplicate_field", f"{_shown(name)} was sent {count} times", field=name)
+        if name not in GROUND_FIELDS:
+            raise ApiError(
+                422, "unknown_field", f"unknown field {_shown(name)}; accepted: {sorted(GROUND_FIELDS)}", field=name
+            )
 
 
 def _ground_request(fields: Mapping[str, Any], image_bytes: bytes, limits: RequestLimits) -> GroundRequest:
@@ -253,12 +413,23 @@ def _ground_request(fields: Mapping[str, Any], image_bytes: bytes, limits: Reque
     )
 
 
-def _reject_unknown(names: Sequence[str]) -> None:
-    unknown = sorted(set(names) - GROUND_FIELDS)
-    if unknown:
-        raise ApiError(
-            422, "unknown_field", f"unknown fields {unknown}; accepted: {sorted(GROUND_FIELDS)}", field=unknown[0]
-        )
+class _JsonObject(dict):
+    """A JSON object that remembers its keys in order, repeats included (a plain dict keeps only the last)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.names = [name for name, _ in pairs]
+
+
+def _json_int(text: str) -> int:
+    # Python refuses to convert more than 4300 digits with a ValueError naming a server setting; refuse earlier.
+    if len(text.lstrip("-")) > JSON_MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (at most {JSON_MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_json_request(body: bytes, limits: RequestLimits) -> GroundRequest:
@@ -266,29 +437,32 @@ def parse_json_request(body: bytes, limits: RequestLimits) -> GroundRequest:
     if not body:
         raise ApiError(400, "empty_body", "the request body is empty")
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        payload = json.loads(
+            _utf8(body), object_pairs_hook=_JsonObject, parse_int=_json_int, parse_constant=_json_constant
+        )
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "the body is not valid JSON: it nests too deeply") from None
+    except ValueError as err:  # JSONDecodeError and the hooks' refusals
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {err}") from None
-    if not isinstance(payload, dict):
+    if not isinstance(payload, _JsonObject):
         raise ApiError(400, "malformed_json", f"the body must be a JSON object, got {type(payload).__name__}")
-    _reject_unknown(list(payload))
+    _check_names(payload.names)
     image_bytes = decode_base64_image(payload.get("image"), limits)
     return _ground_request(payload, image_bytes, limits)
 
 
-def parse_form_request(fields: Mapping[str, Sequence[str | UploadedFile]], limits: RequestLimits) -> GroundRequest:
+def parse_form_request(
+    fields: Mapping[str, Sequence[str | bytes | UploadedFile]], limits: RequestLimits
+) -> GroundRequest:
     """A ``POST /v1/ground`` multipart body: an ``image`` file part, an ``expression`` text part, options.
 
     Args:
-        fields: Every part by name, in order (a name sent twice is a 422).
+        fields: Every part by name, in order: a text part as ``str`` or as its raw bytes (UTF-8 expected), a
+            file part as :class:`UploadedFile`. A name sent twice is a 422.
         limits: The limits to enforce.
     """
-    _reject_unknown(list(fields))
-    values: dict[str, str | UploadedFile] = {}
-    for name, parts in fields.items():
-        if len(parts) != 1:
-            raise ApiError(422, "duplicate_field", f"{name} was sent {len(parts)} times", field=name)
-        values[name] = parts[0]
+    _check_names([name for name, parts in fields.items() for _ in parts])
+    values = {name: _utf8(parts[0]) if isinstance(parts[0], bytes) else parts[0] for name, parts in fields.items()}
     image = values.get("image")
     if image is None:
         raise ApiError(422, "missing_field", "the image file part is missing", field="image")
@@ -300,6 +474,87 @@ def parse_form_request(fields: Mapping[str, Sequence[str | UploadedFile]], limit
     return _ground_request(values, image.data, limits)
 
 
+class _MultipartParts:
+    """Callbacks for :class:`python_multipart.MultipartParser` that collect each part's name, kind and bytes."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, list[bytes | UploadedFile]] = {}
+        self.names: list[str] = []
+        self.ended = False
+        self._headers: dict[bytes, bytes] = {}
+        self._header: list[bytearray] = [bytearray(), bytearray()]
+        self._data = bytearray()
+        self._filename: bytes | None = None
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._header[0].extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self._header[1].extend(data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": lambda data, start, end: self._data.extend(data[start:end]),
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def _part_begin(self) -> None:
+        self._headers, self._data, self._filename = {}, bytearray(), None
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._header[0]).strip().lower()] = bytes(self._header[1]).strip()
+        self._header = [bytearray(), bytearray()]
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if b"name" not in options:
+            raise ApiError(400, "malformed_multipart", 'a part has no Content-Disposition: form-data; name="..."')
+        self.names.append(_utf8(options[b"name"]))
+        self._filename = options.get(b"filename")
+        if len(self.names) > len(GROUND_FIELDS):  # more parts than fields: one is repeated or unknown
+            _check_names(self.names)
+
+    def _part_end(self) -> None:
+        part: bytes | UploadedFile = bytes(self._data)
+        if self._filename is not None:  # a file part, even with filename="" (a browser's empty file input)
+            content_type = self._headers.get(b"content-type")
+            part = UploadedFile(
+                self._filename.decode("utf-8", "replace"),
+                None if content_type is None else content_type.decode("latin-1"),
+                bytes(self._data),
+            )
+        self.fields.setdefault(self.names[-1], []).append(part)
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+def parse_multipart_request(body: bytes, content_type: str | None, limits: RequestLimits) -> GroundRequest:
+    """A ``POST /v1/ground`` multipart/form-data body (RFC 7578), already read, with its ``Content-Type``.
+
+    Text parts must be UTF-8 (what browsers send); a part's ``charset`` is not honoured.
+    """
+    if not body:
+        raise ApiError(400, "empty_body", "the request body is empty")
+    _, params = parse_options_header(content_type or "")
+    boundary = params.get(b"boundary", b"")
+    if not 1 <= len(boundary) <= MULTIPART_MAX_BOUNDARY:
+        raise ApiError(
+            400, "malformed_multipart", f"the multipart boundary must have 1 to {MULTIPART_MAX_BOUNDARY} characters"
+        )
+    parts = _MultipartParts()
+    try:
+        parser = MultipartParser(boundary, parts.callbacks())
+        parser.logger = _MULTIPART_LOG
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as err:
+        raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed: {err}") from None
+    if not parts.ended:
+        raise ApiError(400, "malformed_multipart", "the multipart body ends before its closing boundary")
+    return parse_form_request(parts.fields, limits)
+
+
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------
@@ -308,8 +563,9 @@ def parse_form_request(fields: Mapping[str, Sequence[str | UploadedFile]], limit
 def open_image(data: bytes, limits: RequestLimits) -> Image.Image:
     """Decodes untrusted image bytes, checking size and pixel count before the pixels are decompressed.
 
-    The returned image is fully loaded, in its displayed orientation (EXIF orientation applied), in its
-    original mode (transparency is handled by the letterbox).
+    The returned image is fully loaded, in its displayed orientation (EXIF orientation applied), and in
+    8-bit RGB by :func:`vglaw.images.to_rgb8`, the conversion the Predictor uses (16-bit samples scaled, not
+    clipped; transparency composited over black, the letterbox's padding).
 
     Raises:
         ApiError: 400 for empty, unreadable or truncated data, 413 over the byte or pixel limits.
@@ -354,7 +610,7 @@ def open_image(data: bytes, limits: RequestLimits) -> Image.Image:
             )
         try:
             image.load()
-            return ImageOps.exif_transpose(image)
+            return to_rgb8(ImageOps.exif_transpose(image))
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise _unreadable(err, "the image cannot be decoded") from None
 

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from pipelines.serve.requests import ERROR_CODES
+
 API_VERSION = "1.0.0"
 
 
@@ -138,16 +140,15 @@ GROUND_REQUEST_BODY: dict[str, Any] = {
     }
 }
 
-_ERROR_DESCRIPTIONS = {
-    400: "malformed body, base64 or image (empty, unreadable, truncated)",
-    401: "bearer token missing or wrong (when the server has one)",
-    413: "body, image bytes or image pixels over the limits",
-    415: "Content-Type other than multipart/form-data or application/json",
-    422: "missing, unknown or invalid field (e.g. an empty expression)",
-    503: "no model replica could take the request",
-}
-
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the given error statuses, all with the :class:`ErrorBody` schema."""
-    return {status: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
+    """OpenAPI ``responses`` for the given error statuses, all with the :class:`ErrorBody` schema; each status's
+    description lists its codes from :data:`~pipelines.serve.requests.ERROR_CODES`."""
+
+    def describe(status: int) -> str:
+        codes = [f"`{code}`: {error.when}" for code, error in ERROR_CODES.items() if error.status == str(status)]
+        if not codes:
+            raise ValueError(f"no error code has status {status}")
+        return "; ".join(codes)
+
+    return {status: {"model": ErrorBody, "description": describe(status)} for status in statuses}

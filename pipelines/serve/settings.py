@@ -4,12 +4,16 @@ generates its command-line flags from them.
 
 Values arrive as text from ``serve run`` (``max_replicas=4``, ``mask_threshold=none``) and typed from YAML or
 Python; both pass the same validators. The checks that the deployments' runtime configs share live in their
-own classes (:class:`~pipelines.serve.model.BatchSettings`, :class:`~pipelines.serve.requests.RequestLimits`)
-and run here on the initial values.
+own classes (:class:`~pipelines.serve.model.BatchSettings`, :class:`~pipelines.serve.requests.RequestLimits`,
+:class:`ConnectionLimits`) and run here on the initial values.
+
+docs/api.md ("Load, autoscaling and deadlines") gives the reasons for the autoscaling and load-shedding defaults.
 """
 
+import math
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +23,7 @@ from pipelines.serve.model import BatchSettings
 from pipelines.serve.requests import RequestLimits
 from vglaw.precision import PRECISIONS, check_precision
 
-__all__ = ["NONE_WORDS", "TOKEN_ENV", "ServeSettings", "optional_base"]
+__all__ = ["NONE_WORDS", "TOKEN_ENV", "ConnectionLimits", "ServeSettings", "optional_base"]
 
 TOKEN_ENV = "VGLAW_SERVE_TOKEN"
 # What ``serve run key=none`` (or an empty value) means for a setting that may be None.
@@ -34,6 +38,31 @@ def optional_base(annotation: Any) -> tuple[Any, bool]:
         if len(rest) == 1 and len(rest) < len(args):
             return rest[0], True
     return annotation, False
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What the ingress allows one HTTP request besides its content (:mod:`pipelines.serve.requests` checks that).
+
+    Attributes:
+        body_timeout_s: Seconds the ingress waits for the whole request body; a slower upload is answered 408.
+        max_header_bytes: Largest total size of the request headers (names, values and framing); above it 431.
+            Ray's HTTP proxy (uvicorn with httptools) has no header limit of its own.
+        retry_after_s: The ``Retry-After`` seconds of a 503 (a full model queue, a lost replica).
+    """
+
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 16 * 1024
+    retry_after_s: int = 2
+
+    def __post_init__(self) -> None:
+        timeout = self.body_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"body_timeout_s must be a positive number of seconds, got {timeout!r}")
+        for name, low in (("max_header_bytes", 1), ("retry_after_s", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 class ServeSettings(BaseModel):
@@ -63,10 +92,25 @@ class ServeSettings(BaseModel):
     )
     max_replicas: int = Field(1, ge=1, description="most model replicas; above min_replicas the model autoscales")
     target_ongoing_requests: float = Field(
-        16.0, gt=0, description="autoscaling target of ongoing requests per model replica"
+        16.0, gt=0, description="autoscaling target of ongoing (running and queued) requests per model replica"
+    )
+    upscale_delay_s: float = Field(
+        10.0, ge=0, description="seconds the load must stay above the target before a model replica is added"
+    )
+    downscale_delay_s: float = Field(
+        300.0, ge=0, description="seconds the load must stay below the target before a model replica is removed"
+    )
+    look_back_period_s: float = Field(
+        20.0, gt=0, description="seconds over which autoscaling averages the ongoing requests"
     )
     max_ongoing_requests: int = Field(
         64, ge=1, description="requests one model replica holds at once (also caps the batch size)"
+    )
+    max_queued_requests: int = Field(
+        64,
+        ge=-1,
+        description="requests each ingress replica queues for the model while every model replica is full; "
+        "beyond it 503 overloaded with Retry-After; -1: no limit",
     )
     num_cpus: float = Field(
         1.0,
@@ -85,6 +129,29 @@ class ServeSettings(BaseModel):
         1, ge=1, description="HTTP ingress replicas (they decode images: scale them with the request rate)"
     )
     ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica")
+    ingress_max_queued_requests: int = Field(
+        256,
+        ge=-1,
+        description="requests each HTTP proxy queues while every ingress replica is full; beyond it Ray's proxy "
+        "answers 503 (plain text) with Retry-After; -1: no limit",
+    )
+    request_timeout_s: float | None = Field(
+        60.0,
+        gt=0,
+        description="end-to-end deadline of a request at Ray's HTTP proxy (408); jobs.serve starts the proxy "
+        "with it; serve run and Serve configs take http_options.request_timeout_s instead (proxy options are not "
+        "application args); none: no deadline",
+    )
+    body_timeout_s: float = Field(
+        ConnectionLimits.body_timeout_s,
+        description="seconds the ingress waits for a request body before answering 408 (below request_timeout_s)",
+    )
+    max_header_bytes: int = Field(
+        ConnectionLimits.max_header_bytes, description="largest total size of a request's headers; above it 431"
+    )
+    retry_after_s: int = Field(
+        ConnectionLimits.retry_after_s, description="Retry-After seconds sent with 503 answers (overload, lost replica)"
+    )
     max_batch_size: int = Field(
         BatchSettings.max_batch_size, description="most requests per forward pass (the model's initial user_config)"
     )
@@ -152,8 +219,17 @@ class ServeSettings(BaseModel):
     def _consistent(self) -> "ServeSettings":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"need min_replicas <= max_replicas, got {self.min_replicas} > {self.max_replicas}")
+        for name in ("max_queued_requests", "ingress_max_queued_requests"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name} must be -1 (no limit) or >= 1, got 0")
+        if self.request_timeout_s is not None and self.body_timeout_s >= self.request_timeout_s:
+            # NOTE: else the proxy's plain-text 408 ends a slow upload before the ingress's JSON one.
+            raise ValueError(
+                f"need body_timeout_s < request_timeout_s, got {self.body_timeout_s} >= {self.request_timeout_s}"
+            )
         self.batch_settings()
         self.limits()
+        self.connection_limits()
         return self
 
     def model_path(self) -> Path | None:
@@ -169,3 +245,20 @@ class ServeSettings(BaseModel):
     def limits(self) -> RequestLimits:
         """The ingress's initial limits."""
         return RequestLimits(self.max_image_bytes, self.max_image_pixels, self.max_expression_chars)
+
+    def connection_limits(self) -> ConnectionLimits:
+        """The ingress's body deadline, header limit and Retry-After."""
+        return ConnectionLimits(self.body_timeout_s, self.max_header_bytes, self.retry_after_s)
+
+    def autoscaling_config(self) -> dict[str, Any] | None:
+        """The model deployment's ``autoscaling_config``; None for a fixed number of replicas."""
+        if self.max_replicas == self.min_replicas:
+            return None
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
+        }

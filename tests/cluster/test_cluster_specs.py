@@ -325,6 +325,28 @@ def test_rayservice_deploys_what_serve_yaml_describes() -> None:
         assert rayservice.get(key) == serve_yaml.get(key), f"{key}: copy cluster/serve.yaml into serveConfigV2"
 
 
+def test_serve_yaml_uses_the_settings_defaults_for_load() -> None:
+    """Autoscaling, queue limits and deadlines: the values ServeSettings documents, not a second set of numbers."""
+    from pipelines.serve.app import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
+    from pipelines.serve.settings import ServeSettings
+
+    defaults = ServeSettings(model="m")
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    assert config["http_options"]["request_timeout_s"] == defaults.request_timeout_s
+    (app,) = config["applications"]
+    settings = ServeSettings.model_validate(app["args"])
+    for name in ("body_timeout_s", "max_header_bytes", "retry_after_s"):
+        assert getattr(settings, name) == getattr(defaults, name), name
+    deployments = {d["name"]: d for d in app["deployments"]}
+    model, ingress = deployments[MODEL_DEPLOYMENT], deployments[INGRESS_DEPLOYMENT]
+    scaling = model["autoscaling_config"]
+    for name in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+        assert scaling[name] == getattr(defaults, name), name
+    assert model["max_queued_requests"] == defaults.max_queued_requests
+    assert ingress["max_queued_requests"] == defaults.ingress_max_queued_requests
+    assert model["max_ongoing_requests"] == defaults.max_ongoing_requests
+
+
 def test_serve_token_comes_from_a_secret() -> None:
     (service,) = _of_kind("RayService")
     for container in _containers(service):

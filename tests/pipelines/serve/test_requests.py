@@ -34,8 +34,10 @@ from pipelines.serve.requests import (
     check_content_length,
     decode_base64_image,
     open_image,
+    parse_expression,
     parse_form_request,
     parse_json_request,
+    parse_multipart_request,
 )
 from pipelines.serve.settings import ServeSettings
 from tests.pipelines.serve_harness import encode, shapes_image
@@ -102,6 +104,95 @@ def test_json_requests() -> None:
     _raises(413, "image_too_large", decode_base64_image, "A" * 200_000, LIMITS)
 
 
+def test_json_bodies_that_used_to_pass_or_crash() -> None:
+    image = base64.b64encode(PNG).decode()
+
+    def body(**fields) -> bytes:
+        return json.dumps({"image": image, "expression": "the circle", **fields}).encode()
+
+    _raises(400, "invalid_base64", parse_json_request, body(image="data:image/png;base64"), LIMITS)  # no comma
+    _raises(400, "invalid_base64", parse_json_request, body(image="data:image/png," + image), LIMITS)  # no ;base64
+    _raises(400, "malformed_json", parse_json_request, b'{"image": ' + b"[" * 5000 + b"]" * 5000 + b"}", LIMITS)
+    digits = _raises(400, "malformed_json", parse_json_request, b'{"threshold": ' + b"9" * 5000 + b"}", LIMITS)
+    assert "5000 digits" in digits.message and "sys." not in digits.message
+    _raises(400, "malformed_json", parse_json_request, body(threshold=float("nan")), LIMITS)  # NaN is not JSON
+    surrogate = body(expression="a").replace(b'"a"', b'"a \\ud800"')
+    assert _raises(422, "invalid_text", parse_json_request, surrogate, LIMITS).field == "expression"
+    _raises(422, "invalid_text", parse_json_request, body(expression="a").replace(b'"a"', b'"caf\xe9"'), LIMITS)
+    twice = body(expression="a")[:-1] + b', "expression": "b"}'
+    assert _raises(422, "duplicate_field", parse_json_request, twice, LIMITS).field == "expression"
+    # A lone surrogate in a key is refused, and the error body still encodes as UTF-8.
+    err = _raises(422, "unknown_field", parse_json_request, b'{"\\udcff": 1}', LIMITS)
+    json.dumps(err.body(), ensure_ascii=False).encode("utf-8")
+
+
+def test_expressions_must_show_something() -> None:
+    for invisible in (
+        "\u200b",
+        "\u200b\u200d\ufeff",
+        " \u2060\t\n",
+        "\u3164\u115f",
+        "\ufe0f\u034f",
+        "\u00ad",
+        "\x00\x1b",
+    ):
+        _raises(422, "empty_expression", parse_expression, invisible, LIMITS)
+    assert parse_expression(" \u200bthe dog\u200d ", LIMITS) == "\u200bthe dog\u200d"
+    for visible in ("🐶", "é", "の犬", "\u0301a"):
+        assert parse_expression(visible, LIMITS) == visible
+    _raises(422, "invalid_text", parse_expression, "\ud800", LIMITS)
+    _raises(422, "invalid_field", parse_expression, 5, LIMITS)
+
+
+def test_multipart_bodies() -> None:
+    boundary = "b0undary"
+
+    def body(*parts: tuple[str, bytes, str | None]) -> bytes:
+        out = b""
+        for name, data, filename in parts:
+            extra = "" if filename is None else f'; filename="{filename}"'
+            out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{extra}\r\n\r\n'.encode()
+            out += data + b"\r\n"
+        return out + f"--{boundary}--\r\n".encode()
+
+    content_type = f"multipart/form-data; boundary={boundary}"
+    good = body(("image", PNG, "x.png"), ("expression", b" the circle ", None), ("threshold", b"0.5", None))
+    request = parse_multipart_request(good, content_type, LIMITS)
+    assert (request.image_bytes, request.expression, request.threshold) == (PNG, "the circle", 0.5)
+    assert parse_multipart_request(good, f'multipart/form-data; boundary="{boundary}"', LIMITS) == request
+
+    image = ("image", PNG, "x.png")
+    for data in (b"caf\xe9", b"\xed\xa0\x80", b"\xff"):  # latin-1, a UTF-8-encoded surrogate, a stray byte
+        err = _raises(
+            422, "invalid_text", parse_multipart_request, body(image, ("expression", data, None)), content_type, LIMITS
+        )
+        assert err.field == "expression"
+    _raises(
+        422,
+        "empty_expression",
+        parse_multipart_request,
+        body(image, ("expression", "\u200b".encode(), None)),
+        content_type,
+        LIMITS,
+    )
+    _raises(
+        422,
+        "duplicate_field",
+        parse_multipart_request,
+        body(image, image, ("expression", b"x", None)),
+        content_type,
+        LIMITS,
+    )
+    many = body(image, *[(f"f{i}", b"x", None) for i in range(10_000)])
+    _raises(422, "unknown_field", parse_multipart_request, many, content_type, LIMITS)
+    _raises(400, "empty_body", parse_multipart_request, b"", content_type, LIMITS)
+    _raises(400, "malformed_multipart", parse_multipart_request, good[:-20], content_type, LIMITS)  # no closing
+    _raises(400, "malformed_multipart", parse_multipart_request, b"hello", content_type, LIMITS)
+    _raises(400, "malformed_multipart", parse_multipart_request, good, "multipart/form-data; boundary=", LIMITS)
+    nameless = f"--{boundary}\r\nContent-Disposition: form-data\r\n\r\nx\r\n--{boundary}--\r\n".encode()
+    _raises(400, "malformed_multipart", parse_multipart_request, nameless, content_type, LIMITS)
+
+
 def test_form_requests() -> None:
     file = UploadedFile("x.png", "image/png", PNG)
     request = parse_form_request({"image": [file], "expression": ["the circle"], "return_mask": ["false"]}, LIMITS)
@@ -112,6 +203,8 @@ def test_form_requests() -> None:
     _raises(422, "invalid_field", parse_form_request, {"image": [file], "expression": [file]}, LIMITS)
     _raises(422, "duplicate_field", parse_form_request, {"image": [file, file], "expression": ["x"]}, LIMITS)
     _raises(422, "unknown_field", parse_form_request, {"image": [file], "expression": ["x"], "mask": ["1"]}, LIMITS)
+    _raises(422, "invalid_text", parse_form_request, {"image": [file], "expression": [b"caf\xe9"]}, LIMITS)
+    assert parse_form_request({"image": [file], "expression": ["café".encode()]}, LIMITS).expression == "café"
 
 
 def test_images_are_checked_before_decoding() -> None:
