@@ -250,6 +250,29 @@ def test_ray_cluster_spec_has_a_head_and_a100_workers(kind: str) -> None:
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
 
+# What one GPU's training ingest needs: decoding a 448 px canvas, its mask and both token rows costs 1.3 ms per image
+# on one core (docs/benchmarks.md, "Training ingest"), so a GPU taking 1,000 images/s keeps 1.3 cores busy.
+INGEST_CORES_PER_GPU = 2
+
+
+def test_gpu_nodes_leave_cores_for_the_training_ingest() -> None:
+    run = load_config(REPO / "configs/paper.yaml").run
+    nodes = [
+        (name, spec["resources"]["CPU"], spec["resources"]["GPU"])
+        for name, spec in _launcher()["available_node_types"].items()
+        if spec["resources"].get("GPU")
+    ]
+    for doc in _ray_resources():
+        for name, group in _groups(_cluster_spec(doc))[1:]:
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            if int(limits.get("nvidia.com/gpu", 0)):
+                nodes.append((f"{doc['kind']}/{name}", int(limits["cpu"]), int(limits["nvidia.com/gpu"])))
+    assert len(nodes) >= 4
+    for name, cpus, gpus in nodes:
+        free = cpus - gpus * run.cpus_per_worker  # one training worker per GPU
+        assert free >= gpus * INGEST_CORES_PER_GPU, f"{name}: {free} CPUs left for the ingest of {gpus} GPUs"
+
+
 def test_every_ray_pod_mounts_the_shared_volume() -> None:
     claims = {d["metadata"]["name"] for d in _all_documents() if d["kind"] == "PersistentVolumeClaim"}
     assert SHARED_CLAIM in claims
