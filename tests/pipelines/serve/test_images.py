@@ -18,21 +18,13 @@ from PIL import Image
 from pipelines.serve.app import prepare_item
 from pipelines.serve.requests import RequestLimits, UploadedFile, open_image, parse_form_request
 from tests.pipelines.serve_harness import encode, running_app, save_tiny_model
+from tests.vglaw.test_images import picture16
 from vglaw import Predictor
 from vglaw.geometry import Letterbox
 from vglaw.images import to_rgb8
 
 LIMITS = RequestLimits()
 EXPRESSION = "the small red circle"
-
-
-def picture16(height: int = 270, width: int = 450) -> np.ndarray:
-    """uint16 [H, W]: a horizontal ramp over the whole 16-bit range with a bright and a dark block."""
-    ramp = np.linspace(0, 65535, width).round().astype(np.uint16)
-    a = np.tile(ramp, (height, 1))
-    a[60:180, 45:165] = 60000
-    a[150:255, 270:435] = 3000
-    return a
 
 
 def png16_rgba(samples: np.ndarray) -> bytes:
