@@ -248,9 +248,14 @@ class GroundingAPI:
         "/healthz", methods=["GET", "HEAD"], response_model=HealthResponse, responses={503: {"model": HealthResponse}}
     )
     async def healthz(self) -> JSONResponse:
-        """200 when a model replica answers within a few seconds, else 503. Needs no token (GET or HEAD)."""
+        """200 when a model replica answers within a few seconds, or when the model's queue is full (``busy``: the
+        replicas live, they are loaded, and requests get 503 with Retry-After); else 503. Needs no token."""
         try:
             info = await asyncio.wait_for(self.model.info.remote(), timeout=HEALTH_TIMEOUT_S)
+        except BackPressureError:
+            # NOTE: a full queue is load, not a fault: a load balancer that took the endpoint out now would shift
+            # the load onto the others exactly when it peaks.
+            return JSONResponse(HealthResponse(status="busy", detail="the model's queue is full").model_dump())
         except Exception as err:
             # Only the type: the message of a failed replica may name files on the server.
             logger.warning("health check failed: %s: %s", type(err).__name__, err)

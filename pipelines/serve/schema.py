@@ -83,7 +83,7 @@ class GroundResponse(BaseModel):
 class HealthResponse(BaseModel):
     """``GET /healthz``."""
 
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "busy", "unavailable"]
     model: ModelRef | None = None
     detail: str | None = None
 

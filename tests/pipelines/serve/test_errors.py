@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from starlette.testclient import TestClient
 
 from pipelines.serve.app import GroundingAPI, app, public_source
@@ -329,6 +330,9 @@ def test_health_answers_head_and_names_no_server_path(client: TestClient, model:
     assert head.status_code == 200 and head.content == b""
     assert client.get("/healthz").json() == {"status": "ok", "model": {"name": "vglaw-7", "version": "3"}}
     assert client.head("/").status_code == 200
+    model.info_error = BackPressureError(num_queued_requests=64, max_queued_requests=64)
+    busy = client.get("/healthz")
+    assert busy.status_code == 200 and busy.json()["status"] == "busy"
     model.info_error = FileNotFoundError(f"{SERVER_DIR}/weights.safetensors is gone")
     response = client.get("/healthz")
     assert response.status_code == 503 and response.json() == {"status": "unavailable", "detail": "FileNotFoundError"}
@@ -444,7 +448,12 @@ def test_a_client_leaving_while_the_model_works_logs_nothing_above_info(
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A running application; its 1 s batch window keeps a request in the model while its client leaves."""
+    import ray
+
     model_dir = save_tiny_model(tmp_path_factory.mktemp("errors") / "vglaw-tiny")
+    # NOTE: a Ray of its own, so that the session logs read below hold only this application's workers.
+    if ray.is_initialized():
+        ray.shutdown()
     with running_app({"model": str(model_dir), "batch_wait_timeout_s": 1.0, **LIMITS}) as url:
         yield url
 
