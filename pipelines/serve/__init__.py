@@ -7,6 +7,8 @@ Modules:
     app: the FastAPI ingress deployment and :func:`build_app`.
     settings: the typed settings of the application.
     requests: parsing and checking what clients send (no Ray).
+    images: opening uploaded images, checked before they are decoded.
+    errors: every error code a client can receive, and the exception that carries one.
     schema: the HTTP response models and request bodies, as OpenAPI publishes them.
     model: the batched model deployment.
     static/: the browser page served at ``/``.

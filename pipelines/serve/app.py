@@ -34,15 +34,15 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from pipelines.serve.errors import ApiError
+from pipelines.serve.images import open_image
 from pipelines.serve.model import MODEL_DEPLOYMENT, GroundingItem, GroundingModel, GroundingOutcome, ItemError
 from pipelines.serve.requests import (
-    ApiError,
     GroundRequest,
     RequestLimits,
     authorize,
     body_kind,
     check_content_length,
-    open_image,
     parse_json_request,
     parse_multipart_request,
 )

@@ -2,8 +2,8 @@
 
 Everything a client sends is checked here, in the ingress, before any of it reaches a model replica: the
 content type, the body size, the JSON or multipart structure, the base64, the image (header first, then the
-full decode) and the expression. Every problem becomes an :class:`ApiError` with an HTTP status and a stable
-``code`` that the JSON error body names.
+full decode) and the expression. Every problem becomes an :class:`~pipelines.serve.errors.ApiError` with an
+HTTP status and a stable ``code`` that the JSON error body names.
 """
 
 from __future__ import annotations
@@ -11,34 +11,26 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import io
 import json
 import logging
 import math
 import re
 import unicodedata
-import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-from PIL import Image, ImageOps, UnidentifiedImageError
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
-from vglaw.images import to_rgb8
+from pipelines.serve.errors import JSON_MAX_INT_DIGITS, ApiError
 
-# Formats PIL may open: the common web ones. Leaving out the rest (TIFF, PSD, EPS, ...) keeps PIL's rarer
-# and historically less robust decoders away from untrusted bytes.
-ALLOWED_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MASK_FORMATS = ("rle", "png")
 # Room for the multipart framing and the other form fields on top of the image itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
 GROUND_FIELDS = frozenset({"image", "expression", "return_mask", "mask_format", "threshold"})
-# A JSON integer with more digits than this is refused before Python converts it (its own limit is 4300 digits).
-JSON_MAX_INT_DIGITS = 100
 # RFC 2046 caps a multipart boundary at 70 characters.
 MULTIPART_MAX_BOUNDARY = 70
 
@@ -61,96 +53,6 @@ _MULTIPART_LOG.setLevel(logging.ERROR)
 
 MaskFormat = Literal["rle", "png"]
 BodyKind = Literal["json", "multipart"]
-
-
-class ErrorCode(NamedTuple):
-    """One documented error: its HTTP status (``"4xx"`` where the HTTP layer chooses) and when it happens."""
-
-    status: str
-    when: str
-
-
-# Every ``code`` a client can receive, defined once. docs/api.md lists exactly these (a test compares them, and
-# checks every ApiError raised in pipelines/serve against this table). 4xx: the client's mistake; 5xx: ours.
-ERROR_CODES: dict[str, ErrorCode] = {
-    "empty_body": ErrorCode("400", "the request body is empty"),
-    "bad_content_length": ErrorCode("400", "the Content-Length header is not an integer"),
-    "malformed_json": ErrorCode(
-        "400",
-        "the JSON body cannot be parsed: not JSON, not an object, nested too deeply, an integer over "
-        f"{JSON_MAX_INT_DIGITS} digits, or NaN/Infinity",
-    ),
-    "malformed_multipart": ErrorCode(
-        "400", "the multipart body cannot be parsed: no boundary, broken framing, a part without a name"
-    ),
-    "invalid_base64": ErrorCode("400", "the JSON `image` is not base64, or not a `data:<type>;base64,<data>` URL"),
-    "empty_image": ErrorCode("400", "the image has 0 bytes"),
-    "invalid_image": ErrorCode("400", "not a JPEG, PNG, WebP, GIF or BMP, or undecodable"),
-    "truncated_image": ErrorCode("400", "the image data ends early"),
-    "unauthorized": ErrorCode("401", "a token is configured and `Authorization: Bearer <token>` is missing or wrong"),
-    "not_found": ErrorCode("404", "no such path"),
-    "method_not_allowed": ErrorCode("405", "the path exists but not for this method (the `Allow` header lists them)"),
-    "body_timeout": ErrorCode("408", "the body did not arrive within `body_timeout_s` (a slow or stalled client)"),
-    "request_too_large": ErrorCode("413", "the body exceeds the image limit (as base64) plus 64 KiB"),
-    "image_too_large": ErrorCode("413", "the image exceeds `max_image_bytes`"),
-    "too_many_pixels": ErrorCode(
-        "413",
-        "width x height exceeds `max_image_pixels`, read from the header before decoding "
-        "(decompression bombs end here)",
-    ),
-    "unsupported_media_type": ErrorCode("415", "a Content-Type other than multipart/form-data or application/json"),
-    "missing_field": ErrorCode("422", "`image` or `expression` is missing (a JSON null counts as missing)"),
-    "unknown_field": ErrorCode("422", "a field name outside the accepted ones (a typo)"),
-    "duplicate_field": ErrorCode("422", "a field sent twice: a repeated multipart part or a repeated JSON key"),
-    "invalid_field": ErrorCode("422", "a field of the wrong type or out of range (e.g. `threshold` 1.5)"),
-    "invalid_text": ErrorCode(
-        "422",
-        "a text field is not valid Unicode: invalid UTF-8 in a multipart part or JSON string, or a lone "
-        "surrogate escape such as `\\ud800`",
-    ),
-    "empty_expression": ErrorCode(
-        "422", "the expression is empty or only invisible characters (whitespace, zero-width, format characters)"
-    ),
-    "expression_too_long": ErrorCode("422", "the expression has more than `max_expression_chars` characters"),
-    "invalid_request": ErrorCode("422", "the HTTP layer's own request validation failed"),
-    "headers_too_large": ErrorCode("431", "the request headers exceed `max_header_bytes`"),
-    "http_error": ErrorCode("4xx", "another refusal by the HTTP layer, with its status"),
-    "internal_error": ErrorCode("500", "a fault of the server (logged there); not caused by the request"),
-    "inference_failed": ErrorCode("500", "the model failed on this input (other requests of its batch are unaffected)"),
-    "encoding_failed": ErrorCode("500", "encoding this request's mask failed"),
-    "overloaded": ErrorCode("503", "the model is at capacity; retry later"),
-    "model_unavailable": ErrorCode("503", "no model replica could take the request; retry"),
-}
-
-
-class ApiError(Exception):
-    """A client-facing failure: an HTTP status, a stable machine-readable code and a message.
-
-    Args:
-        status: HTTP status code (4xx for the client's mistakes, 5xx for the server's).
-        code: Stable identifier, e.g. ``"empty_expression"``; clients branch on it.
-        message: What is wrong, for a person.
-        field: The request field at fault, when there is one.
-        headers: Extra response headers (e.g. ``WWW-Authenticate``).
-    """
-
-    def __init__(
-        self, status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        # Both may quote what the client sent: made encodable (a lone surrogate would fail the JSON response).
-        self.message = _printable(message)
-        self.field = None if field is None else _printable(field[:100])
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        """The JSON error body: ``{"error": {"code", "message", "field"?}}``."""
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.field is not None:
-            error["field"] = self.field
-        return {"error": error}
 
 
 @dataclass(frozen=True)
@@ -197,11 +99,6 @@ class GroundRequest:
     return_mask: bool = True
     mask_format: MaskFormat = "rle"
     threshold: float | None = None
-
-
-def _printable(text: str) -> str:
-    """``text`` with lone surrogates written as ``\\udXXX`` escapes, so that it encodes as UTF-8."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _shown(value: Any, limit: int = 40) -> str:
@@ -553,70 +450,3 @@ def parse_multipart_request(body: bytes, content_type: str | None, limits: Reque
     if not parts.ended:
         raise ApiError(400, "malformed_multipart", "the multipart body ends before its closing boundary")
     return parse_form_request(parts.fields, limits)
-
-
-# --------------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------------
-
-
-def open_image(data: bytes, limits: RequestLimits) -> Image.Image:
-    """Decodes untrusted image bytes, checking size and pixel count before the pixels are decompressed.
-
-    The returned image is fully loaded, in its displayed orientation (EXIF orientation applied), and in
-    8-bit RGB by :func:`vglaw.images.to_rgb8`, the conversion the Predictor uses (16-bit samples scaled, not
-    clipped; transparency composited over black, the letterbox's padding).
-
-    Raises:
-        ApiError: 400 for empty, unreadable or truncated data, 413 over the byte or pixel limits.
-    """
-    if not data:
-        raise ApiError(400, "empty_image", "the image is empty (0 bytes)", field="image")
-    if len(data) > limits.max_image_bytes:
-        raise ApiError(
-            413,
-            "image_too_large",
-            f"the image has {len(data)} bytes; the limit is {limits.max_image_bytes}",
-            field="image",
-        )
-    with warnings.catch_warnings():
-        # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; our own limit is checked below.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
-        except Image.DecompressionBombError as err:
-            message = f"the image header declares too many pixels ({err})"
-            raise ApiError(413, "too_many_pixels", message, field="image") from None
-        except UnidentifiedImageError:
-            raise ApiError(
-                400,
-                "invalid_image",
-                f"the data is not an image in a supported format ({', '.join(ALLOWED_IMAGE_FORMATS)})",
-                field="image",
-            ) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
-            raise _unreadable(err, "the image header cannot be read") from None
-        # Image.open reads only the header: the pixel check happens before any decompression.
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise ApiError(400, "invalid_image", f"the image is {width}x{height}", field="image")
-        if width * height > limits.max_image_pixels:
-            raise ApiError(
-                413,
-                "too_many_pixels",
-                f"the image is {width}x{height} = {width * height} pixels; the limit is {limits.max_image_pixels} "
-                "(checked from the header, before decoding)",
-                field="image",
-            )
-        try:
-            image.load()
-            return to_rgb8(ImageOps.exif_transpose(image))
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
-            raise _unreadable(err, "the image cannot be decoded") from None
-
-
-def _unreadable(err: Exception, what: str) -> ApiError:
-    """A 400 for a decoder error: ``truncated_image`` when the data ends early, else ``invalid_image``."""
-    text = str(err) or type(err).__name__
-    truncated = "truncated" in text.lower() or isinstance(err, EOFError)
-    return ApiError(400, "truncated_image" if truncated else "invalid_image", f"{what}: {text}", field="image")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from pipelines.serve.requests import ERROR_CODES
+from pipelines.serve.errors import ERROR_CODES
 
 API_VERSION = "1.0.0"
 
@@ -143,7 +143,7 @@ GROUND_REQUEST_BODY: dict[str, Any] = {
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the given error statuses, all with the :class:`ErrorBody` schema; each status's
-    description lists its codes from :data:`~pipelines.serve.requests.ERROR_CODES`."""
+    description lists its codes from :data:`~pipelines.serve.errors.ERROR_CODES`."""
 
     def describe(status: int) -> str:
         codes = [f"`{code}`: {error.when}" for code, error in ERROR_CODES.items() if error.status == str(status)]

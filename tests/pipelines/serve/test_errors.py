@@ -28,8 +28,8 @@ from ray.serve.exceptions import BackPressureError
 from starlette.testclient import TestClient
 
 from pipelines.serve.app import GroundingAPI, app, public_source
+from pipelines.serve.errors import ERROR_CODES
 from pipelines.serve.model import GroundingOutcome, ItemError
-from pipelines.serve.requests import ERROR_CODES
 from tests.pipelines.serve_harness import encode, running_app, save_tiny_model, shapes_image
 
 REPO = Path(__file__).resolve().parents[3]
@@ -40,7 +40,7 @@ SERVER_DIR = "/srv/secret/models/vglaw-7"  # the stub model's source: must never
 
 
 # --------------------------------------------------------------------------------------------------
-# The code table: defined once in requests.py, listed in docs/api.md, and every raised code is in it
+# The code table: defined once in errors.py, listed in docs/api.md, and every raised code is in it
 # --------------------------------------------------------------------------------------------------
 
 

@@ -13,16 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipelines.serve.errors import ERROR_CODES, ApiError
+from pipelines.serve.images import open_image
 from pipelines.serve.requests import (
-    ERROR_CODES,
     GROUND_FIELDS,
     MASK_FORMATS,
-    ApiError,
     GroundRequest,
     RequestLimits,
     UploadedFile,
     decode_base64_image,
-    open_image,
     parse_bool,
     parse_expression,
     parse_form_request,

@@ -16,7 +16,8 @@ import requests
 from PIL import Image
 
 from pipelines.serve.app import prepare_item
-from pipelines.serve.requests import RequestLimits, UploadedFile, open_image, parse_form_request
+from pipelines.serve.images import open_image
+from pipelines.serve.requests import RequestLimits, UploadedFile, parse_form_request
 from tests.pipelines.serve_harness import encode, running_app, save_tiny_model
 from tests.vglaw.test_images import picture16
 from vglaw import Predictor

@@ -27,8 +27,8 @@ from PIL import Image
 from starlette.requests import Request
 
 import pipelines.serve.app as serve_app
+from pipelines.serve.errors import ApiError
 from pipelines.serve.model import MODEL_DEPLOYMENT, GroundingModel
-from pipelines.serve.requests import ApiError
 from pipelines.serve.settings import ConnectionLimits, ServeSettings
 from tests.pipelines.serve_harness import APP_NAME, EXPRESSIONS, encode, running_app, save_tiny_model, shapes_image
 from vglaw import Predictor

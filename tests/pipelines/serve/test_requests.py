@@ -24,16 +24,16 @@ from pipelines.serve.app import (
     limits_from_user_config,
     prepare_item,
 )
+from pipelines.serve.errors import ApiError
+from pipelines.serve.images import open_image
 from pipelines.serve.model import BatchSettings
 from pipelines.serve.requests import (
-    ApiError,
     RequestLimits,
     UploadedFile,
     authorize,
     body_kind,
     check_content_length,
     decode_base64_image,
-    open_image,
     parse_expression,
     parse_form_request,
     parse_json_request,
