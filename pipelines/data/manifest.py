@@ -15,9 +15,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipelines.runtime import text_sha256
+
 __all__ = [
     "MANIFEST_NAME",
     "code_version",
+    "manifest_digest",
     "parquet_file_rows",
     "read_manifest",
     "write_manifest",
@@ -56,11 +59,29 @@ def parquet_file_rows(folder: str | os.PathLike[str]) -> dict[str, int]:
     return {p.name: pq.ParquetFile(p).metadata.num_rows for p in sorted(Path(folder).glob("*.parquet"))}
 
 
+# What the digest leaves out: when the output was written, and the digest itself.
+UNDIGESTED = ("created_at", "digest")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The dataset's fingerprint: the manifest's own ``digest``, or for an output written before manifests had
+    one, the first 32 hex digits of the SHA-256 of its canonical JSON (sorted keys, no whitespace) without
+    :data:`UNDIGESTED` (what :func:`write_manifest` stores). It covers the files and their row counts, the
+    source files' hashes, the settings and the code version."""
+    if manifest.get("digest"):
+        return str(manifest["digest"])
+    body = {k: v for k, v in manifest.items() if k not in UNDIGESTED}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return text_sha256(canonical)[:32]
+
+
 def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
-    """Writes ``manifest`` as ``folder/manifest.json`` (through a temporary file and a rename)."""
+    """Writes ``manifest`` as ``folder/manifest.json`` (through a temporary file and a rename), with its
+    ``digest`` (:func:`manifest_digest`)."""
     path = Path(folder) / MANIFEST_NAME
     tmp = path.with_suffix(".json.tmp")
-    body = dict(manifest)
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    body["digest"] = manifest_digest(body)
     body.setdefault("created_at", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     tmp.write_text(json.dumps(body, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)

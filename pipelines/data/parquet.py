@@ -70,7 +70,18 @@ def read_split(
     files = [str(p) for p in split_files(out_dir, split)]
     if not files:
         return ray.data.from_arrow(read_split_table(out_dir, split, columns))
-    ds = ray.data.read_parquet(files, **read_kwargs)
+    # NOTE: one read task per file, each file one block. Ray 2.60's default Parquet reader (DataSourceV2) lists
+    # the files in a task of its own and packs small files into one read task and one block, so everything
+    # downstream of the read (the training decode) ran as one task on one core, and each pass waited 6-13 s
+    # for its first batch instead of about 2 (docs/benchmarks.md, "Training ingest"). Its file-per-task reader
+    # is still Ray's, selected by the documented ``DataContext.use_datasource_v2``.
+    read_kwargs.setdefault("override_num_blocks", len(files))
+    context = ray.data.DataContext.get_current()
+    default_reader, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(files, **read_kwargs)
+    finally:
+        context.use_datasource_v2 = default_reader
     return ds if columns is None else ds.select_columns(list(columns))
 
 

@@ -189,7 +189,8 @@ def log_evaluation(
         mlflow.set_tag(metric_key("vglaw.model_source"), str(report["model"]["source"]))
         folder = "evaluation" if run_id is not None else None
         mlflow.log_artifact(str(outputs.report_path), artifact_path=folder)
-        mlflow.log_artifact(str(outputs.plot_path), artifact_path=folder)
+        # The plot as a figure (the UI renders it inline); the same chart as the PNG beside the report.
+        mlflow.log_figure(plot_length_breakdown(report), f"{folder + '/' if folder else ''}{outputs.plot_path.name}")
         for path in outputs.overlay_paths.values():
             mlflow.log_artifact(str(path), artifact_path=folder)
     return rid

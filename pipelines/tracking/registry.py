@@ -3,12 +3,13 @@ model reference (a directory or an MLflow URI) to a local model directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,11 +46,13 @@ class LoggedVGLAW:
         model_uri: URI to load the logged model from (``models:/m-...``).
         registered_name: Registry name, or None when not registered.
         version: Registry version (a string, as MLflow returns it), or None.
+        model_id: MLflow's id of the logged model (``m-...``), to link metrics to it.
     """
 
     model_uri: str
     registered_name: str | None
     version: str | None
+    model_id: str | None = None
 
     @property
     def registry_uri(self) -> str | None:
@@ -102,7 +105,9 @@ def log_vglaw_model(
         tags=dict(tags) if tags else None,
     )
     version = info.registered_model_version
-    return LoggedVGLAW(info.model_uri, registered_model_name, None if version is None else str(version))
+    return LoggedVGLAW(
+        info.model_uri, registered_model_name, None if version is None else str(version), model_id=info.model_id
+    )
 
 
 def set_alias_if_best(
@@ -175,10 +180,27 @@ def resolve_model(uri_or_dir: str | os.PathLike[str], dst_dir: str | os.PathLike
     dst = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="vglaw-model-"))
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst))
+        # NOTE: no per-file download bar: in a Serve replica or a Ray task it is dozens of log lines, not a bar.
+        with _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst))
     except (MlflowException, OSError) as err:
         raise FileNotFoundError(f"cannot fetch model {text} from MLflow at {tracking_uri()}: {err}") from err
     return find_model_dir(local)
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Sets environment variables for the block, restoring what was there before."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass(frozen=True)

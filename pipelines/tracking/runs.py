@@ -32,10 +32,12 @@ __all__ = [
     "find_run",
     "flatten_params",
     "get_or_create_run",
+    "log_dataset_input",
     "log_metrics",
     "log_params",
     "metric_key",
     "project_root",
+    "start_named_run",
     "tracking_uri",
 ]
 
@@ -48,6 +50,9 @@ MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 PARAMS_PER_BATCH = 100
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+# The MLflow UI opens an experiment in its model-training view (not the GenAI traces one) with this tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,16 +104,20 @@ def client() -> MlflowClient:
 
 
 def ensure_experiment(name: str) -> str:
-    """The id of experiment ``name``, created (with the local artifact location) or restored if needed."""
+    """The id of experiment ``name``, created (with the local artifact location) or restored if needed, and
+    marked as a model-training experiment (:data:`EXPERIMENT_KIND_TAG`)."""
     configure_mlflow()
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         root = artifact_location_for(tracking_uri())
         location = None if root is None else f"{root}/{_slug(name)}"
-        return client.create_experiment(name, artifact_location=location)
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        return client.create_experiment(name, artifact_location=location, tags=tags)
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -145,6 +154,40 @@ def get_or_create_run(experiment: str, run_name: str, tags: Mapping[str, str] | 
     return (
         MlflowClient().create_run(ensure_experiment(experiment), run_name=run_name, tags=dict(tags or {})).info.run_id
     )
+
+
+def start_named_run(experiment: str, run_name: str, system_metrics: bool = False) -> mlflow.ActiveRun:
+    """Starts the run called ``run_name`` as the active run: a new one through ``mlflow.start_run``, so that MLflow
+    sets its context tags (``mlflow.source.git.commit``, ``mlflow.source.name``, ``mlflow.user``), or the
+    existing one by id, so that a restarted job resumes its run instead of making a second.
+
+    Args:
+        experiment: Experiment name (created if needed, :func:`ensure_experiment`).
+        run_name: The run's name.
+        system_metrics: Sample CPU, memory (and GPU, with ``nvidia-ml-py``) as ``system/*`` metrics while the run
+            is active (``log_system_metrics``; the interval is ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``).
+    """
+    run_id = find_run(experiment, run_name)
+    if run_id is not None:
+        return mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+    return mlflow.start_run(
+        experiment_id=ensure_experiment(experiment), run_name=run_name, log_system_metrics=system_metrics
+    )
+
+
+def log_dataset_input(
+    path: str | os.PathLike[str], manifest: Mapping[str, Any], context: str, name: str | None = None
+) -> None:
+    """Logs a preprocessed dataset as an input of the active run: its folder as the source and the manifest's
+    digest (:func:`pipelines.data.manifest.manifest_digest`), so the run page shows which data it used."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from pipelines.data.manifest import manifest_digest
+
+    source = resolve_dataset_source(Path(path).resolve().as_uri())
+    label = name or f"{manifest.get('dataset', 'data')}_{manifest.get('split_by', '')}_{manifest.get('image_size', '')}"
+    mlflow.log_input(MetaDataset(source, name=label, digest=manifest_digest(dict(manifest))), context=context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,12 +259,17 @@ def log_params(config: Mapping[str, Any] | Any, run_id: str | None = None) -> di
 
 
 def log_metrics(
-    metrics: Mapping[str, float], step: int | None = None, prefix: str = "", run_id: str | None = None
+    metrics: Mapping[str, float],
+    step: int | None = None,
+    prefix: str = "",
+    run_id: str | None = None,
+    model_id: str | None = None,
 ) -> None:
-    """Logs numeric metrics under sanitised keys (:func:`metric_key`), e.g. ``prefix="val/"``."""
+    """Logs numeric metrics under sanitised keys (:func:`metric_key`), e.g. ``prefix="val/"``; with ``model_id``
+    they are also the metrics of that logged model (its page in the UI shows them)."""
     run_id = run_id or _active_run_id()
     values = {metric_key(prefix + k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    entities = [mlflow.entities.Metric(k, v, _now_ms(), step or 0) for k, v in values.items()]
+    entities = [mlflow.entities.Metric(k, v, _now_ms(), step or 0, model_id=model_id) for k, v in values.items()]
     for start in range(0, len(entities), 1000):
         MlflowClient().log_batch(run_id, metrics=entities[start : start + 1000])
 

@@ -58,6 +58,8 @@ class DataSection:
     shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer
     prefetch_batches: int = 2  # batches each worker's ingest decodes ahead of the step
     ingest_cpus: float = 1.0  # CPUs per Ray Data decode task (pipelines.train.ingest.encode_training_rows)
+    # Where the JPEG canvases are decoded: "ingest" (Ray Data CPU tasks) or "device" (nvJPEG on the workers' GPUs)
+    image_decode: str = "ingest"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hflip_prob <= 1.0:
@@ -66,6 +68,8 @@ class DataSection:
             raise ValueError("data.prefetch_batches must be >= 0")
         if self.ingest_cpus <= 0:
             raise ValueError("data.ingest_cpus must be > 0")
+        if self.image_decode not in ("ingest", "device"):
+            raise ValueError(f"data.image_decode must be 'ingest' or 'device', got {self.image_decode!r}")
 
 
 @dataclass
@@ -156,6 +160,11 @@ class TrainConfig:
             raise ValueError(
                 "loss.category needs the model's category classifier: set model.overrides.categories to one more "
                 "than the largest category id"
+            )
+        if self.data.image_decode == "device" and not self.run.use_gpu:
+            raise ValueError(
+                "data.image_decode=device decodes on the workers' GPUs: set run.use_gpu=true, or decode in the "
+                "ingest (data.image_decode=ingest)"
             )
 
     @property

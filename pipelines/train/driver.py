@@ -93,6 +93,11 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         )
     if model_config.head.categories:
         _check_categories(config, model_config.head.categories)
+    if config.data.image_decode == "device" and manifest["image_format"] != "jpeg":
+        raise ValueError(
+            f"data.image_decode=device decodes JPEG canvases, {config.data.path} holds {manifest['image_format']}; "
+            "preprocess with --image-format jpeg or set data.image_decode=ingest"
+        )
     steps_per_epoch = plan_steps_per_epoch(config, manifest["splits"][config.data.train_split]["rows"])
     tokenizer = build_tokenizer(config, model_config.text.max_tokens)
     print(
@@ -114,7 +119,11 @@ def run_training(config: TrainConfig) -> TrainingSummary:
     # The per-row decode and tokenisation run here, in Ray Data tasks, not on the workers' step thread.
     train = train.map_batches(
         encode_training_rows,
-        fn_kwargs={"vocab": tokenizer.vocab, "max_tokens": tokenizer.max_tokens},
+        fn_kwargs={
+            "vocab": tokenizer.vocab,
+            "max_tokens": tokenizer.max_tokens,
+            "decode_images": config.data.image_decode == "ingest",
+        },
         batch_size=config.batch_per_worker,
         num_cpus=config.data.ingest_cpus,
     )
@@ -146,7 +155,12 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         datasets={"train": train, "val": val},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ordered}),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if tracker:
+            tracker.fail()
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {config.run.name} finished without a checkpoint")
     model_dir = config.run.storage_dir / config.run.name / "model"
@@ -179,32 +193,55 @@ def _copy_model_dir(checkpoint: Path, target: Path) -> None:
 
 
 class _Tracker:
-    """The run's MLflow record, kept by the driver: one run per run name, reused on resume."""
+    """The run's MLflow record, kept by the driver: one run per run name, reused on resume.
+
+    The run is the driver's active run while training runs: MLflow's context tags (git commit, source, user) on
+    a new run, system metrics sampled meanwhile, and the dataset logged as its input. The workers log metrics and
+    overlays into it by id.
+    """
 
     def __init__(self, config: TrainConfig, manifest: dict[str, Any]) -> None:
+        import mlflow
+
         from pipelines.tracking import runs
 
         self.config = config
         self.uri = runs.configure_mlflow()
         existing = runs.find_run(config.run.experiment, config.run.name)
-        self.run_id = existing or runs.get_or_create_run(config.run.experiment, config.run.name)
+        if mlflow.active_run() is not None:  # e.g. a caller's run left open: this run is its own
+            mlflow.end_run()
+        self.run_id = runs.start_named_run(config.run.experiment, config.run.name, system_metrics=True).info.run_id
         if existing is None:
             runs.log_params(config.to_dict(), run_id=self.run_id)
+            runs.log_dataset_input(config.data.path, manifest, context="training")
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
                 (Path(tmp) / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-                runs.client().log_artifact(self.run_id, str(Path(tmp) / "config.json"))
-                runs.client().log_artifact(self.run_id, str(Path(tmp) / "manifest.json"), artifact_path="data")
+                mlflow.log_artifact(str(Path(tmp) / "config.json"))
+                mlflow.log_artifact(str(Path(tmp) / "manifest.json"), artifact_path="data")
         else:
             print(f"[vglaw-train] resuming MLflow run {self.run_id} ({config.run.name})", flush=True)
 
     def finish(self, model_dir: Path, metrics: dict[str, float]) -> str | None:
+        """Logs the model, links the final validation metrics to it (the model's page shows them), registers it,
+        and ends the run."""
+        import mlflow
+
         from pipelines.tracking import registry, runs
 
         name = self.config.run.registered_model_name
         logged = registry.log_vglaw_model(model_dir, registered_model_name=name, run_id=self.run_id)
+        validation = {k: v for k, v in metrics.items() if k.startswith("val/") and math.isfinite(v)}
+        if logged.model_id and validation:
+            runs.log_metrics(validation, step=int(metrics.get("step", 0)), run_id=self.run_id, model_id=logged.model_id)
         score = metrics.get("val/prec@0.5", metrics.get("val/miou"))
         if name and logged.version is not None and score is not None:
             registry.set_alias_if_best(name, logged.version, "val_score", score)
-        runs.client().set_terminated(self.run_id)
+        mlflow.end_run()
         return logged.version
+
+    def fail(self) -> None:
+        """Ends the run as failed (a rerun of the same name resumes it)."""
+        import mlflow
+
+        mlflow.end_run(status="FAILED")

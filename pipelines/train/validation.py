@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import torch.distributed as dist
+from PIL import Image
 
 from pipelines.evaluate.scoring import evaluate_batches
 from vglaw import ExpressionTokenizer, Predictor
@@ -51,16 +51,15 @@ def first_rows(data: Any, count: int) -> list[dict[str, Any]]:
     return []
 
 
-def overlay_figure(
-    model: VGLAW, tokenizer: ExpressionTokenizer, data: Any, count: int, path: str | os.PathLike[str]
-) -> None:
-    """Draw predictions for the split's first rows next to the truth and save the grid as a PNG."""
+def overlay_figure(model: VGLAW, tokenizer: ExpressionTokenizer, data: Any, count: int) -> Image.Image:
+    """Predictions for the split's first rows drawn next to the truth, as one grid image."""
     from pipelines.evaluate.report import overlay_examples
 
     was_training = model.training
     predictor = Predictor(model, tokenizer)
-    overlay_examples(predictor, first_rows(data, count), max_items=count).save(path)
+    grid = overlay_examples(predictor, first_rows(data, count), max_items=count)
     model.train(was_training)
+    return grid
 
 
 def all_gather_objects(value: Any) -> list[Any]:

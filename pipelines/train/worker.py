@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipelines.train.config import TrainConfig
-from pipelines.train.ingest import TrainingBatch, flip_decisions, to_training_batch
+from pipelines.train.ingest import TrainingBatch, flip_decisions, started_ahead, tensors_of, to_training_batch
 from pipelines.train.optim import build_optimizer, build_scheduler
 from pipelines.train.validation import validate_on_worker
 from vglaw import ExpressionTokenizer, create_model, save_pretrained
@@ -136,6 +136,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     total_steps = steps_per_epoch * config.optim.epochs
+
+    def epoch_batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        batches = train_shard.iter_torch_batches(
+            batch_size=config.batch_per_worker,
+            device="cpu",  # to_training_batch moves each batch, after picking its tokens on the host
+            pin_memory=device.type == "cuda",
+            prefetch_batches=config.data.prefetch_batches,
+            drop_last=True,
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=_seed_of(config.run.seed, epoch, rank),
+            # JPEG bytes differ in length per row: collated as a list, decoded on the device by to_training_batch
+            collate_fn=tensors_of if config.data.image_decode == "device" else None,
+        )
+        return started_ahead(batches)
+
+    # The first epoch's stream fills during the step-0 validation, each later one during the validation before it.
+    upcoming = epoch_batches(position.epoch) if position.epoch < config.optim.epochs else iter(())
     if position.step == 0:
         metrics = validate_on_worker(model, tokenizer, val_data, rank, world, config.batch_per_worker, precision)
         logger.log({f"val/{k}": v for k, v in metrics.items()}, step=0)
@@ -148,15 +165,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch_start, epoch_images = time.perf_counter(), 0
         running: dict[str, float] = {}
         wait = _DataWait()
-        batches = train_shard.iter_torch_batches(
-            batch_size=config.batch_per_worker,
-            device="cpu",  # to_training_batch moves each batch, after picking its tokens on the host
-            pin_memory=device.type == "cuda",
-            prefetch_batches=config.data.prefetch_batches,
-            drop_last=True,
-            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-            local_shuffle_seed=_seed_of(config.run.seed, position.epoch, rank),
-        )
+        batches = upcoming
         for index, (arrays, waited) in enumerate(_timed(batches)):
             if index < position.batch_in_epoch or index >= steps_per_epoch:
                 continue  # already trained on before a restart, or beyond the planned steps
@@ -183,6 +192,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _report_with_checkpoint(model, tokenizer, optimizer, scheduler, position, rank, {})
         position.epoch += 1
         position.batch_in_epoch = 0
+        if position.epoch < config.optim.epochs:
+            # NOTE: the next epoch's stream fills while this one is validated; the split starts its next epoch
+            # once every worker asks for it, which they all do here.
+            upcoming = epoch_batches(position.epoch)
         val = validate_on_worker(model, tokenizer, val_data, rank, world, config.batch_per_worker, precision)
         elapsed = time.perf_counter() - epoch_start
         throughput = epoch_images / max(elapsed, 1e-9)
@@ -321,6 +334,9 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)
 
 
+OVERLAYS_KEY = "val_overlays"  # the MLflow image key of the per-epoch validation overlays
+
+
 class _RankZeroLogger:
     """MLflow logging and progress lines from rank 0 only; the other ranks stay silent."""
 
@@ -355,7 +371,6 @@ class _RankZeroLogger:
             return
         from pipelines.train.validation import overlay_figure
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"epoch_{epoch:03d}.png"
-            overlay_figure(model, tokenizer, val_data, count, path)
-            self.client.log_artifact(self.run_id, str(path), artifact_path="overlays")
+        # A step-indexed image: the run page's image view walks through the epochs with its step slider.
+        grid = overlay_figure(model, tokenizer, val_data, count)
+        self.client.log_image(self.run_id, grid, key=OVERLAYS_KEY, step=epoch)

@@ -125,8 +125,17 @@ def test_manifest_records_provenance(processed: Path, quirky_refer: QuirkyRefer)
 
 def test_read_split_with_ray_matches_the_table(processed: Path) -> None:
     ds = read_split(processed, "train", columns=["ref_id", "sent_id", "split"])
-    assert ds.count() == read_split_table(processed, "train").num_rows
-    assert {r["split"] for r in ds.take_all()} == {"train"}
+    table = read_split_table(processed, "train")
+    assert ds.count() == table.num_rows
+    rows = ds.take_all()
+    assert {r["split"] for r in rows} == {"train"}
+    assert sorted((r["ref_id"], r["sent_id"]) for r in rows) == sorted(
+        zip(table.column("ref_id").to_pylist(), table.column("sent_id").to_pylist())
+    )
+    # One block per file, as the manifest lists them: the decode downstream then runs as that many tasks.
+    files = read_manifest(processed)["splits"]["train"]["files"]
+    assert len(files) > 1
+    assert ds.materialize().num_blocks() == len(files)
 
 
 def test_strict_mode_fails_and_writes_nothing(ray_local: None, quirky_refer: QuirkyRefer, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +19,15 @@ from pipelines.data.refer import ReferDataset, ReferSource
 from pipelines.data.schema import SCHEMA_VERSION, TRAINING_COLUMNS
 from pipelines.train.config import load_config
 from pipelines.train.driver import _check_categories
-from pipelines.train.ingest import TrainingBatch, collate_rows, encode_training_rows, flip_decisions
+from pipelines.train.ingest import (
+    TrainingBatch,
+    collate_rows,
+    encode_training_rows,
+    flip_decisions,
+    started_ahead,
+    tensors_of,
+    to_training_batch,
+)
 from pipelines.train.optim import build_optimizer, build_scheduler
 from pipelines.train.worker import build_model, train_step
 from tests.pipelines.quirky_refer import QuirkyRefer
@@ -119,6 +128,61 @@ def test_ingest_matches_a_plain_decode_of_the_rows(quirky_refer: QuirkyRefer, to
     assert arrays["image"].shape == (len(rows), 64, 64, 3)
 
 
+def _quirky_columns(quirky_refer: QuirkyRefer) -> dict[str, list]:
+    source = ReferSource(quirky_refer.refer_root, "refcoco", "unc", quirky_refer.image_root)
+    rows = [
+        r
+        for task in build_image_tasks(ReferDataset.load(source))
+        for r in encode_image_task(task, quirky_refer.image_root, 64)[0]
+    ]
+    return {name: [row[name] for row in rows] for name in TRAINING_COLUMNS}
+
+
+def _device_decoded(columns: dict[str, list], tokenizer: ExpressionTokenizer, flips, device: str) -> TrainingBatch:
+    """The rows as ``data.image_decode: device`` trains on them: JPEG bytes through the ingest, decoded here."""
+    arrays = encode_training_rows(columns, tokenizer.vocab, tokenizer.max_tokens, decode_images=False)
+    assert "image" not in arrays and len(arrays["image_jpeg"]) == len(columns["ref_id"])
+    return to_training_batch(tensors_of(arrays), flips, device)
+
+
+def test_decoding_jpegs_in_the_worker_matches_the_ingest_decode(
+    quirky_refer: QuirkyRefer, tokenizer: ExpressionTokenizer
+) -> None:
+    columns = _quirky_columns(quirky_refer)
+    assert all(bytes(b[:2]) == b"\xff\xd8" for b in columns["image"])  # JPEG canvases
+    flips = flip_decisions(7, 1, columns["ref_id"], columns["sent_id"], 0.5)
+    on_worker = _device_decoded(columns, tokenizer, flips, "cpu")  # torchvision's libjpeg-turbo
+    reference = collate_rows(columns, tokenizer, flips)  # PIL in the ingest
+    assert on_worker.images.shape == reference.images.shape and on_worker.images.dtype == torch.uint8
+    difference = (on_worker.images.int() - reference.images.int()).abs()
+    assert difference.max() <= 2 and difference.float().mean() < 0.05  # two JPEG decoders, same file
+    for name in ("masks", "boxes", "input_ids", "attention_mask", "categories"):
+        assert torch.equal(getattr(on_worker, name), getattr(reference, name)), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decode needs a CUDA GPU")
+def test_nvjpeg_decode_on_the_gpu_matches_the_cpu_decode(
+    quirky_refer: QuirkyRefer, tokenizer: ExpressionTokenizer
+) -> None:
+    columns = _quirky_columns(quirky_refer)
+    flips = flip_decisions(7, 1, columns["ref_id"], columns["sent_id"], 0.5)
+    on_gpu = _device_decoded(columns, tokenizer, flips, "cuda")
+    reference = collate_rows(columns, tokenizer, flips)
+    assert on_gpu.images.is_cuda and on_gpu.masks.is_cuda
+    difference = (on_gpu.images.cpu().int() - reference.images.int()).abs()
+    # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels at edges
+    assert difference.float().mean() < 1.0 and difference.max() <= 32
+    assert torch.equal(on_gpu.masks.cpu(), reference.masks) and torch.equal(on_gpu.boxes.cpu(), reference.boxes)
+
+
+def test_device_decode_needs_gpu_workers() -> None:
+    with pytest.raises(ValueError, match=r"run\.use_gpu"):
+        load_config(None, ["data.image_decode=device"])
+    assert load_config(None, ["data.image_decode=device", "run.use_gpu=true"]).data.image_decode == "device"
+    with pytest.raises(ValueError, match="image_decode"):
+        load_config(None, ["data.image_decode=gpu"])
+
+
 def test_flip_decisions_depend_on_seed_epoch_and_row_only() -> None:
     refs, sents = np.arange(400), np.arange(400) * 3
     first = flip_decisions(5, 2, refs, sents, 0.5)
@@ -129,6 +193,29 @@ def test_flip_decisions_depend_on_seed_epoch_and_row_only() -> None:
     assert np.array_equal(flip_decisions(5, 2, refs[::-1], sents[::-1], 0.5), first[::-1])
     assert 160 < first.sum() < 240  # about half of 400
     assert not flip_decisions(5, 2, refs, sents, 0.0).any() and flip_decisions(5, 2, refs, sents, 1.0).all()
+
+
+def test_a_stream_started_ahead_fetches_its_first_item_meanwhile_and_loses_nothing() -> None:
+    fetched, threads = threading.Event(), []
+
+    def stream():
+        threads.append(threading.get_ident())
+        fetched.set()
+        yield from range(5)
+
+    items = started_ahead(stream())
+    assert fetched.wait(timeout=10)  # before anyone asked for an item
+    assert list(items) == [0, 1, 2, 3, 4]
+    assert threads[0] != threading.get_ident()  # the first fetch ran on another thread
+    assert list(started_ahead(iter(()))) == []
+
+    def broken():
+        raise OSError("disk gone")
+        yield  # pragma: no cover
+
+    failing = started_ahead(broken())
+    with pytest.raises(OSError, match="disk gone"):  # raised where the caller iterates
+        next(failing)
 
 
 def test_category_ids_must_fit_the_classifier(tmp_path) -> None:

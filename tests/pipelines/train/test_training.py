@@ -3,6 +3,7 @@ and it runs through ``ray job submit`` against a real head node."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -98,11 +99,31 @@ def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None
         assert history and all(0.0 <= m.value <= 1.0 for m in history), key
     assert re.search(r"data wait \d+%", result.stdout + result.stderr)
 
-    # Artifacts: config, data manifest, an overlay grid per epoch, the model.
+    # Artifacts: config, data manifest, the model; an overlay grid per epoch as a step-indexed image.
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "data", "overlays"} <= paths
-    overlays = client.list_artifacts(run.info.run_id, "overlays")
-    assert len(overlays) == config.optim.epochs
+    assert {"config.json", "data", "images"} <= paths
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+    steps = sorted(int(re.search(r"val_overlays\+step\+(\d+)\+", p).group(1)) for p in images)
+    assert steps == list(range(1, config.optim.epochs + 1)), images
+
+    # MLflow's own records: the run was started as MLflow starts runs (context tags), in a model-training
+    # experiment, with system metrics sampled during training and the dataset as its input.
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if commit.returncode == 0:
+        assert run.data.tags["mlflow.source.git.commit"] == commit.stdout.strip()
+    assert {"mlflow.user", "mlflow.source.name"} <= run.data.tags.keys()
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    manifest = json.loads((workspace["data"] / "manifest.json").read_text())
+    undigested = {k: v for k, v in manifest.items() if k not in ("created_at", "digest")}
+    canonical = json.dumps(undigested, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert manifest["digest"] == hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    (data_input,) = run.inputs.dataset_inputs
+    assert data_input.dataset.digest == manifest["digest"]
+    assert {t.key: t.value for t in data_input.tags}["mlflow.data.context"] == "training"
+    assert run.info.status == "FINISHED"
 
     # Registry: a version with the best alias, loadable as pyfunc, predicting what the Predictor predicts.
     import mlflow
@@ -113,6 +134,10 @@ def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None
     mlflow.set_registry_uri(f"sqlite:///{workspace['mlflow']}")
     version = client.get_model_version_by_alias(config.run.registered_model_name, "best")
     assert version.run_id == run.info.run_id
+    # The logged model carries the final validation metrics, the values the run's history ends with.
+    model = mlflow.get_logged_model(version.model_id)
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["val/prec_at_0.5"] == prec[-1].value and linked["val/miou"] == miou[-1].value, linked
     image = Image.open(next((workspace["root"] / "raw" / "images").glob("*.jpg"))).convert("RGB")
     pyfunc = mlflow.pyfunc.load_model(f"models:/{config.run.registered_model_name}@best")
     import base64
