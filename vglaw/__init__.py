@@ -8,6 +8,7 @@ which the data pipeline's workers need, do not import torch, timm and transforme
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -60,7 +61,10 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'vglaw' has no attribute {name!r}")
+        # A submodule, as after ``import vglaw.weights``: ``import vglaw`` then ``vglaw.weights.load_vit_weights``.
+        if importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'vglaw' has no attribute {name!r}")
+        return importlib.import_module(f"{__name__}.{name}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -286,13 +287,26 @@ def run_preprocess(config: PreprocessConfig, num_cpus: int | None = None) -> dic
     except StrictModeError:
         raise
     except Exception as err:
-        if "StrictModeError" in f"{type(err).__name__}: {err}":
-            message = str(err).split("strict mode:", 1)[-1].strip().splitlines()[0]
-            raise StrictModeError(f"strict mode: {message}") from err
+        message = _strict_message(err)
+        if message is not None:
+            raise StrictModeError(message) from err
         raise PreprocessError(f"preprocessing {source.dataset}({source.split_by}) failed: {err}") from err
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return manifest
+
+
+def _strict_message(err: BaseException) -> str | None:
+    """The message of a :class:`StrictModeError` raised in a Ray task, or None.
+
+    Ray Data wraps a task's exception in a ``UserCodeException`` whose cause does not survive the trip back, so
+    the message is read from the remote traceback's last line for it (``...StrictModeError: strict mode: ...``),
+    not from its quote of the source line that raised it.
+    """
+    if isinstance(err, StrictModeError):
+        return str(err)
+    found = re.findall(rf"^\S*\b{StrictModeError.__name__}: (strict mode: .*)$", str(err), flags=re.MULTILINE)
+    return found[-1] if found else None
 
 
 def _build_manifest(

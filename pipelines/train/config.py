@@ -116,12 +116,15 @@ class RunSection:
     num_checkpoints_to_keep: int = 2
     max_failures: int = 3
     log_every_steps: int = 10
+    progress_every_s: float = 30.0  # a progress line this often when the output is not a terminal (logs, jobs)
     seed: int = 0
     mlflow: bool = True
     registered_model_name: str | None = "vglaw"
     overlays: int = 8  # prediction overlays logged per epoch
 
     def __post_init__(self) -> None:
+        if not self.progress_every_s > 0:
+            raise ValueError("run.progress_every_s must be > 0")
         if self.num_workers <= 0:
             raise ValueError("run.num_workers must be positive")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD"):
@@ -247,7 +250,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tupl
     differs from that file, which may extend another in turn. Sections merge key by key (lists and other values
     replace), so a file changes the fields it names and keeps the rest of its base. The overrides apply last.
 
-    Values are parsed as YAML, so ``optim.epochs=3``, ``run.use_gpu=true`` and ``model.overrides={depth: 2}``
+    Values are parsed as YAML, so ``optim.epochs=3``, ``run.use_gpu=true`` and ``model.overrides={depth: 2, global_blocks: [1]}``
     all work.
     """
     data: dict[str, Any] = {} if path is None else _read_config_file(Path(path))

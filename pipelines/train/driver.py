@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,8 @@ def run_training(config: TrainConfig) -> TrainingSummary:
             "max_tokens": tokenizer.max_tokens,
             "steps_per_epoch": steps_per_epoch,
             "mlflow_run_id": tracker.run_id if tracker else None,
+            # A progress bar when this process writes to a terminal, plain lines for logs and ray job submit.
+            "interactive": sys.stdout.isatty(),
             "tracking_uri": tracker.uri if tracker else None,
         },
         scaling_config=ScalingConfig(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -102,8 +104,27 @@ def start_training(
     return model, optimizer, scheduler
 
 
+def say(line: str) -> None:
+    """One line of the run's output, once.
+
+    NOTE: not ``print``: Ray Train 2.60 patches ``print`` in its workers to log the line *and*, because Ray
+    replaces ``sys.stdout`` in every worker process, to print it too, so the driver showed each line twice.
+    """
+    sys.stdout.write(f"[vglaw-train] {line}\n")
+    sys.stdout.flush()
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train 2.60 logs every ``report`` with its whole metrics dict, from every rank, at INFO; the epoch line
+    says what matters once, so its log of reports shows warnings only."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module's logger is named by its file
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train entry point. ``loop_config`` holds the resolved config, the vocab and the plan."""
+    _quiet_report_logs()
     config = TrainConfig.from_dict(loop_config["config"])
     steps_per_epoch: int = loop_config["steps_per_epoch"]
     tokenizer = ExpressionTokenizer(loop_config["vocab"], max_tokens=loop_config["max_tokens"])
@@ -116,11 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             position = _load_training_state(Path(directory), model, optimizer, scheduler, rank)
         if rank == 0:
-            print(
-                f"[vglaw-train] resuming from step {position.step} (epoch {position.epoch + 1}, batch "
-                f"{position.batch_in_epoch})",
-                flush=True,
-            )
+            say(f"resuming from step {position.step} (epoch {position.epoch + 1}, batch {position.batch_in_epoch})")
     # NOTE: wrapping happens here and only here: device placement, then DDP (prepare_model), then compile.
     device = ray.train.torch.get_device()
     ddp_model = ray.train.torch.prepare_model(model)
@@ -161,10 +178,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     started = time.perf_counter()
     steps_at_start = position.step
+    progress = _Progress(
+        rank == 0, loop_config.get("interactive", False), config.run.progress_every_s, config.optim.epochs, total_steps
+    )
     while position.epoch < config.optim.epochs:
         epoch_start, epoch_images = time.perf_counter(), 0
         running: dict[str, float] = {}
         wait = _DataWait()
+        progress.start_epoch(position.epoch, steps_per_epoch, position.batch_in_epoch)
         batches = upcoming
         for index, (arrays, waited) in enumerate(_timed(batches)):
             if index < position.batch_in_epoch or index >= steps_per_epoch:
@@ -179,6 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             position.batch_in_epoch = index + 1
             epoch_images += len(batch) * world
             wait.add(waited, time.perf_counter() - step_start)
+            progress.step(position.step, losses["loss"], epoch_images / max(time.perf_counter() - epoch_start, 1e-9))
             if position.step % config.run.log_every_steps == 0 or position.batch_in_epoch == steps_per_epoch:
                 values = {k: float(v) for k, v in losses.items()}
                 for k, v in values.items():
@@ -190,6 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             every = config.run.checkpoint_every_steps
             if every and position.step % every == 0 and position.batch_in_epoch < steps_per_epoch:
                 _report_with_checkpoint(model, tokenizer, optimizer, scheduler, position, rank, {})
+        progress.end_epoch()
         position.epoch += 1
         position.batch_in_epoch = 0
         if position.epoch < config.optim.epochs:
@@ -257,6 +280,60 @@ def _load_training_state(
     if rng_path.is_file():
         _set_rng_state(torch.load(rng_path, weights_only=False))  # our own file: python/numpy RNG objects
     return Position(**json.loads((directory / STATE_FILE).read_text()))
+
+
+BAR_TEXT_EVERY_S = 1.0  # how often the bar's loss and images/s are refreshed
+
+
+class _Progress:
+    """Rank 0's progress through an epoch: a bar in the driver's terminal (Ray's tqdm, drawn by the driver) with
+    step, loss and images/s, and its ETA; when the output goes to a log or ``ray job logs``, a plain line every
+    ``every_s`` seconds instead. The other ranks show nothing."""
+
+    def __init__(self, active: bool, interactive: bool, every_s: float, epochs: int, total_steps: int) -> None:
+        self.active, self.interactive, self.every_s = active, interactive, every_s
+        self.epochs, self.total_steps = epochs, total_steps
+        self.bar: Any = None
+        self.epoch = 0
+        self.started = self.last_line = time.monotonic()
+        self.steps_done = 0
+
+    def start_epoch(self, epoch: int, steps: int, done: int) -> None:
+        if not self.active:
+            return
+        self.epoch, self.started, self.last_line, self.steps_done = epoch, time.monotonic(), time.monotonic(), 0
+        if self.interactive:
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step")
+            self.bar.update(done)
+
+    def step(self, step: int, loss: torch.Tensor, images_per_s: float) -> None:
+        """One step done. The loss is read (a device sync) only when a line or the bar's text is due."""
+        if not self.active:
+            return
+        self.steps_done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        now = time.monotonic()
+        if now - self.last_line < (BAR_TEXT_EVERY_S if self.bar is not None else self.every_s):
+            return
+        self.last_line = now
+        if self.bar is not None:
+            self.bar.set_description(
+                f"epoch {self.epoch + 1}/{self.epochs} loss {float(loss):.4f} {images_per_s:.1f} img/s"
+            )
+            return
+        eta = (now - self.started) / self.steps_done * (self.total_steps - step)
+        say(
+            f"epoch {self.epoch + 1}/{self.epochs} step {step}/{self.total_steps} loss {float(loss):.4f} "
+            f"{images_per_s:.1f} img/s ETA {eta:.0f}s"
+        )
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _timed(batches: Iterable[Any]) -> Iterator[tuple[Any, float]]:
@@ -357,7 +434,7 @@ class _RankZeroLogger:
 
     def say(self, line: str) -> None:
         if self.active:
-            print(f"[vglaw-train] {line}", flush=True)
+            say(line)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:

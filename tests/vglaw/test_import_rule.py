@@ -59,3 +59,10 @@ def test_package_names_load_on_first_use() -> None:
         assert getattr(vglaw, name).__name__ == name
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         vglaw.Nope  # noqa: B018
+
+
+def test_submodules_are_reachable_from_the_package_alone() -> None:
+    # README: `import vglaw` and then `vglaw.weights.load_vit_weights(...)`, with no `import vglaw.weights`.
+    code = "import vglaw\nprint(vglaw.weights.load_vit_weights.__module__, vglaw.geometry.Letterbox.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["vglaw.weights", "Letterbox"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -140,8 +141,10 @@ def test_read_split_with_ray_matches_the_table(processed: Path) -> None:
 
 def test_strict_mode_fails_and_writes_nothing(ray_local: None, quirky_refer: QuirkyRefer, tmp_path: Path) -> None:
     out = tmp_path / "strict"
-    with pytest.raises(StrictModeError):
+    with pytest.raises(StrictModeError) as caught:
         run_preprocess(_config(quirky_refer, out, strict=True))
+    # The message itself, not the remote traceback's quote of the source line that formats it.
+    assert re.fullmatch(r"strict mode: .+ \(ref \(\d+,\)\)", str(caught.value)), caught.value  # the reader's
     assert not out.exists()
     assert not list(tmp_path.glob(".strict*"))
 
@@ -173,7 +176,9 @@ def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> No
         assert flag in text
 
 
-def test_cli_preprocesses_the_synthetic_dataset_end_to_end(ray_local: None, tmp_path: Path) -> None:
+def test_cli_preprocesses_the_synthetic_dataset_end_to_end(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     summary = generate_synthetic(tmp_path / "syn", SyntheticConfig(num_images=12, seed=3))
     out = tmp_path / "processed"
     argv = ["--refer-root", str(tmp_path / "syn"), "--out", str(out), "--image-size", "128"]
@@ -183,6 +188,14 @@ def test_cli_preprocesses_the_synthetic_dataset_end_to_end(ray_local: None, tmp_
     expressions = sum(v for k, v in summary["counts"].items() if k.startswith("expressions/"))
     assert manifest["total_rows"] == expressions
     assert preprocess_main(argv) == 1  # refuses to overwrite
+
+    # --strict on an image only the encoder (a Ray task) finds broken: the error is the message, formatted.
+    (tmp_path / "syn" / "images" / "synthetic_000004.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    capsys.readouterr()
+    assert preprocess_main([*argv[:3], str(tmp_path / "strict"), *argv[4:], "--strict"]) == 1
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(r"error: strict mode: image \d+ \(synthetic_000004\.jpg\): .+", error), error
+    assert not (tmp_path / "strict").exists()
 
 
 def test_a_killed_encoder_worker_loses_and_duplicates_nothing(ray_local: None, tmp_path: Path) -> None:

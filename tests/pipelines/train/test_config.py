@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +276,11 @@ def test_an_empty_section_keeps_the_base_section(tmp_path: Path) -> None:
     _write(tmp_path / "base.yaml", "run:\n  name: base\n")
     child = _write(tmp_path / "child.yaml", "extends: base.yaml\nrun:\n  # name: child\n")
     assert load_config(child, ["run.seed=4"]).run.name == "base"
+
+
+def test_the_documented_override_example_loads_on_the_default_config() -> None:
+    # docs/training.md and `jobs.train --help` show this override; it must work on the default (tiny) config.
+    help_text = (REPO / "jobs" / "train.py").read_text() + (REPO / "docs" / "training.md").read_text()
+    (example,) = set(re.findall(r"model\.overrides='(\{[^']*\})'", help_text))
+    vision = load_config(None, [f"model.overrides={example}"]).model.vglaw_config().vision
+    assert (vision.depth, vision.global_blocks) == (2, (1,))

@@ -98,6 +98,14 @@ def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None
         history = client.get_metric_history(run.info.run_id, key)
         assert history and all(0.0 <= m.value <= 1.0 for m in history), key
     assert re.search(r"data wait \d+%", result.stdout + result.stderr)
+    # Each epoch's line once (Ray Train's print patch used to double every worker line), and no report dumps.
+    output = result.stdout + result.stderr
+    epochs = config.optim.epochs
+    for epoch in range(1, epochs + 1):
+        lines = re.findall(rf"\[vglaw-train\] epoch {epoch}/{epochs} step \d+/\d+ loss \S+ val .*", output)
+        assert len(lines) == 1, lines
+    assert len(re.findall(r"\[vglaw-train\] step 0: val", output)) == 1
+    assert "Reporting training result" not in output
 
     # Artifacts: config, data manifest, the model; an overlay grid per epoch as a step-indexed image.
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -250,3 +258,23 @@ def test_precision_and_placement_settings_are_checked() -> None:
         load_config(None, ["run.placement_strategy=ANYWHERE"])
     with pytest.raises(ValueError, match="cpus_per_worker"):
         load_config(None, ["run.worker_resources={CPU: 2}"])
+
+
+def test_progress_is_a_plain_line_per_interval_from_rank_zero_only(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.train import worker
+
+    clock = [0.0]
+    monkeypatch.setattr(worker.time, "monotonic", lambda: clock[0])
+    rank0, rank1 = (worker._Progress(rank == 0, False, 30.0, 2, 20) for rank in (0, 1))
+    for progress in (rank0, rank1):
+        progress.start_epoch(0, 10, 0)
+    for step in range(1, 11):  # 7 s per step: lines are due at 35 s (step 5) and 70 s (step 10)
+        clock[0] += 7.0
+        for progress in (rank0, rank1):
+            progress.step(step, torch.tensor(0.5), 100.0)
+    assert capsys.readouterr().out.splitlines() == [
+        "[vglaw-train] epoch 1/2 step 5/20 loss 0.5000 100.0 img/s ETA 105s",  # 7 s x 15 steps to go
+        "[vglaw-train] epoch 1/2 step 10/20 loss 0.5000 100.0 img/s ETA 70s",
+    ]
