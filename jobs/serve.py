@@ -221,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     ensure_ray(args.ray_num_cpus)
-    # The proxy's deadline: Serve's HTTP options are not application args, so the setting is applied here (serve run
-    # and Serve configs set http_options.request_timeout_s themselves).
-    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": settings.request_timeout_s})
+    # The proxy's deadline, the bound of last resort: Serve's HTTP options are not application args, so it is set
+    # here (Serve configs set http_options.request_timeout_s themselves); the ingress has its own, shorter one.
+    proxy_timeout = settings.proxy_request_timeout_s()
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": proxy_timeout})
     if not args.detach:
         # NOTE: SIGINT too: a process started in the background of a non-interactive shell inherits SIGINT
         # ignored, and Python then installs no KeyboardInterrupt handler of its own.

@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jobs.train",
         description="Train VG-LAW on preprocessed Parquet data with Ray Train (DDP) and MLflow tracking.",
         epilog="Examples of overrides: optim.epochs=3 run.num_workers=4 run.use_gpu=true "
-        "model.overrides='{depth: 2, global_blocks: [1]}' data.path=data/processed/refcoco_unc. Honours RAY_ADDRESS and "
-        "MLFLOW_TRACKING_URI.",
+        "model.overrides='{depth: 2, global_blocks: [1]}' data.path=data/processed/refcoco_unc. "
+        "Honours RAY_ADDRESS and MLFLOW_TRACKING_URI.",
     )
     parser.add_argument("--config", default="configs/synthetic.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, values parsed as YAML")

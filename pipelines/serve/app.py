@@ -17,8 +17,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
@@ -29,10 +29,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve import metrics
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.serve.errors import ApiError
 from pipelines.serve.images import open_image
@@ -70,6 +72,11 @@ MODEL_ERROR_MESSAGES = {
     "encoding_failed": "encoding the mask failed",
 }
 LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(RequestLimits))
+# Request latency buckets in ms: a lone CPU request of a small model is tens of ms, a queued GPU batch hundreds,
+# and nothing outlasts the 60 s default request deadline.
+LATENCY_BOUNDARIES_MS = [1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+NO_ERROR_CODE = "none"  # the code tag of an answer without an error body
+UNMATCHED_ROUTE = "unmatched"  # the route tag of a path no route matches (404s), so unknown paths add no series
 
 
 def limits_from_user_config(config: Mapping[str, Any]) -> tuple[RequestLimits, str | None]:
@@ -131,15 +138,110 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
     return b"".join(chunks)
 
 
+@asynccontextmanager
+async def request_deadline(timeout_s: float | None) -> AsyncIterator[None]:
+    """Bounds the block to ``timeout_s`` seconds (None: no bound), then answers 504 ``request_timeout``; whatever
+    the block awaited (a queued model call) is cancelled."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:
+        raise ApiError(504, "request_timeout", f"no answer within {timeout_s:g} s; retry later") from None
+
+
+class RequestMetrics:
+    """The ingress replica's Serve metrics (docs/api.md, "Metrics"); Serve adds the deployment, replica and
+    application tags, and Ray exports them with a ``ray_`` prefix."""
+
+    def __init__(self) -> None:
+        self.requests = metrics.Counter(
+            "vglaw_requests",
+            description="HTTP requests answered by the ingress, by route template, status and error code",
+            tag_keys=("route", "status", "code"),
+        )
+        self.latency_ms = metrics.Histogram(
+            "vglaw_request_latency_ms",
+            description="time from a request's arrival in the ingress to its answer, in ms",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("route", "status"),
+        )
+
+    def record(self, route: str, status: int, code: str, latency_ms: float) -> None:
+        """One answered request."""
+        self.requests.inc(tags={"route": route, "status": str(status), "code": code})
+        self.latency_ms.observe(latency_ms, tags={"route": route, "status": str(status)})
+
+
+def note_error_code(request: Request, code: str) -> None:
+    """Tells :class:`RequestMetricsMiddleware` the error code of the answer being made."""
+    request.state.error_code = code
+
+
+class RequestMetricsMiddleware:
+    """Records every HTTP answer of the app in the replica's :class:`RequestMetrics`: the matched route's
+    template (``/v1/ground``), the status sent, the error code the exception handlers noted, the latency.
+
+    A plain ASGI middleware (not ``BaseHTTPMiddleware``), so that bodies stream and client disconnects reach
+    the app as they did. It sits inside Starlette's ``ServerErrorMiddleware``: an exception passing through
+    it is answered 500 ``internal_error`` (by ``_unexpected_error``) after it has been recorded as such.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status: int | None = None
+        code: str | None = None
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except asyncio.CancelledError:
+            status, code = status or 499, NO_ERROR_CODE  # Serve cancels a request whose client left
+            raise
+        except Exception:
+            status, code = status or 500, "internal_error"
+            raise
+        finally:
+            recorder = _replica_metrics()
+            if recorder is not None:
+                route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+                code = code or scope.get("state", {}).get("error_code", NO_ERROR_CODE)
+                try:
+                    recorder.record(route, status or 500, code, (time.perf_counter() - start) * 1000)
+                except Exception:  # a metric must never fail the request it describes
+                    logger.exception("recording the request metrics failed")
+
+
+def _replica_metrics() -> RequestMetrics | None:
+    """The metrics of the ingress replica serving the app; None outside a replica (the app alone)."""
+    try:
+        ingress = serve.get_replica_context().servable_object
+    except RayServeException:
+        return None
+    return getattr(ingress, "metrics", None)
+
+
 app = FastAPI(
     title="VG-LAW visual grounding",
     version=API_VERSION,
     description="Image + referring expression -> box and mask of the object referred to. See docs/api.md.",
 )
+app.add_middleware(RequestMetricsMiddleware)
 
 
 @app.exception_handler(ApiError)
-async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    note_error_code(request, err.code)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -188,7 +290,8 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    note_error_code(request, "invalid_request")
     return JSONResponse(ApiError(422, "invalid_request", str(err.errors())).body(), status_code=422)
 
 
@@ -227,6 +330,7 @@ class GroundingAPI:
         self.limits = RequestLimits()
         self._page = resources.files("pipelines.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
         self._model_info: dict[str, Any] | None = None
+        self.metrics = RequestMetrics()
 
     def reconfigure(self, user_config: Mapping[str, Any]) -> None:
         """Limits and (optionally) the token from ``user_config``; a token there overrides the start-up one."""
@@ -279,7 +383,7 @@ class GroundingAPI:
     @app.post(
         "/v1/ground",
         response_model=GroundResponse,
-        responses=error_responses(400, 401, 408, 413, 415, 422, 431, 500, 503),
+        responses=error_responses(400, 401, 408, 413, 415, 422, 431, 500, 503, 504),
         openapi_extra=GROUND_REQUEST_BODY,
     )
     async def ground(self, request: Request) -> GroundResponse:
@@ -287,6 +391,10 @@ class GroundingAPI:
         start = time.perf_counter()
         check_header_size(request.scope["headers"], self.connection.max_header_bytes)
         authorize(request.headers.get("authorization"), self.auth_token)
+        async with request_deadline(self.connection.request_timeout_s):
+            return await self._ground(request, start)
+
+    async def _ground(self, request: Request, start: float) -> GroundResponse:
         limits = self.limits
         kind = body_kind(request.headers.get("content-type"))
         body = await read_body(request, limits.max_request_bytes, self.connection.body_timeout_s)

@@ -70,6 +70,9 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "encoding_failed": ErrorCode("500", "encoding this request's mask failed"),
     "overloaded": ErrorCode("503", "the model is at capacity; retry later"),
     "model_unavailable": ErrorCode("503", "no model replica could take the request; retry"),
+    "request_timeout": ErrorCode(
+        "504", "no answer within `request_timeout_s` (a long queue or a stalled model replica); retry"
+    ),
 }
 
 

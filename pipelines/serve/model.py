@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from ray import serve
+from ray.serve import metrics
 
 from pipelines.tracking.registry import model_identity, resolve_model
 from vglaw import Grounding, Predictor
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 MODEL_DEPLOYMENT = "GroundingModel"
 MASK_FORMATS = ("rle", "png")
+# Batch-size buckets (each counts the batches of at most that many requests), up to the 256 an ingress replica
+# takes at once; a batch cannot exceed the replica's max_ongoing_requests (64 by default).
+BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,12 @@ class GroundingModel:
         self._failure: str | None = None
         self._stats: Counter[str] = Counter()
         self._batch_sizes: Counter[int] = Counter()
+        # The Serve metric beside the counters that stats() reports (docs/api.md, "Metrics").
+        self._batch_size_metric = metrics.Histogram(
+            "vglaw_batch_size",
+            description="requests per forward pass of the model replica",
+            boundaries=BATCH_SIZE_BOUNDARIES,
+        )
         self._probe()  # fail at start-up, not on the first request, if the model cannot run
 
     # ---- configuration and health -----------------------------------------------------------------
@@ -253,6 +263,7 @@ class GroundingModel:
         self._stats["requests"] += batch_size
         self._stats["batches"] += 1
         self._batch_sizes[batch_size] += 1
+        self._batch_size_metric.observe(batch_size)
         outcomes: list[GroundingOutcome | None] = [None] * batch_size
         valid: list[int] = []
         for i, (item, _) in enumerate(queued):

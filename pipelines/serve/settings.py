@@ -28,6 +28,7 @@ __all__ = ["NONE_WORDS", "TOKEN_ENV", "ConnectionLimits", "ServeSettings", "opti
 TOKEN_ENV = "VGLAW_SERVE_TOKEN"
 # What ``serve run key=none`` (or an empty value) means for a setting that may be None.
 NONE_WORDS = frozenset({"", "none", "null"})
+PROXY_GRACE_S = 5.0  # Ray's proxy deadline is the ingress's request_timeout_s plus this
 
 
 def optional_base(annotation: Any) -> tuple[Any, bool]:
@@ -45,20 +46,26 @@ class ConnectionLimits:
     """What the ingress allows one HTTP request besides its content (:mod:`pipelines.serve.requests` checks that).
 
     Attributes:
+        request_timeout_s: Seconds the ingress gives a request from its headers to its answer (body, decoding,
+            queue, forward pass); later it answers 504 ``request_timeout``. None: no deadline.
         body_timeout_s: Seconds the ingress waits for the whole request body; a slower upload is answered 408.
         max_header_bytes: Largest total size of the request headers (names, values and framing); above it 431.
             Ray's HTTP proxy (uvicorn with httptools) has no header limit of its own.
         retry_after_s: The ``Retry-After`` seconds of a 503 (a full model queue, a lost replica).
     """
 
+    request_timeout_s: float | None = 60.0
     body_timeout_s: float = 30.0
     max_header_bytes: int = 16 * 1024
     retry_after_s: int = 2
 
     def __post_init__(self) -> None:
-        timeout = self.body_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-            raise ValueError(f"body_timeout_s must be a positive number of seconds, got {timeout!r}")
+        for name in ("request_timeout_s", "body_timeout_s"):
+            timeout = getattr(self, name)
+            if timeout is None and name == "request_timeout_s":
+                continue
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+                raise ValueError(f"{name} must be a positive number of seconds, got {timeout!r}")
         for name, low in (("max_header_bytes", 1), ("retry_after_s", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -136,11 +143,11 @@ class ServeSettings(BaseModel):
         "answers 503 (plain text) with Retry-After; -1: no limit",
     )
     request_timeout_s: float | None = Field(
-        60.0,
+        ConnectionLimits.request_timeout_s,
         gt=0,
-        description="end-to-end deadline of a request at Ray's HTTP proxy (408); jobs.serve starts the proxy "
-        "with it; serve run and Serve configs take http_options.request_timeout_s instead (proxy options are not "
-        "application args); none: no deadline",
+        description="seconds the ingress gives a request from its headers to its answer, then 504 "
+        "request_timeout; jobs.serve also starts Ray's proxy with this plus PROXY_GRACE_S as the bound of last "
+        "resort; none: no deadline",
     )
     body_timeout_s: float = Field(
         ConnectionLimits.body_timeout_s,
@@ -248,7 +255,12 @@ class ServeSettings(BaseModel):
 
     def connection_limits(self) -> ConnectionLimits:
         """The ingress's body deadline, header limit and Retry-After."""
-        return ConnectionLimits(self.body_timeout_s, self.max_header_bytes, self.retry_after_s)
+        return ConnectionLimits(self.request_timeout_s, self.body_timeout_s, self.max_header_bytes, self.retry_after_s)
+
+    def proxy_request_timeout_s(self) -> float | None:
+        """The deadline for Ray's HTTP proxy: the ingress's plus :data:`PROXY_GRACE_S`, so that the ingress's
+        JSON 504 comes first and the proxy's plain-text 408 only bounds waits the ingress does not see."""
+        return None if self.request_timeout_s is None else self.request_timeout_s + PROXY_GRACE_S
 
     def autoscaling_config(self) -> dict[str, Any] | None:
         """The model deployment's ``autoscaling_config``; None for a fixed number of replicas."""

@@ -35,6 +35,7 @@ from vglaw import Predictor
 
 IMAGES = [encode(shapes_image(96 + 16 * i, 80 + 8 * i, seed=i)) for i in range(len(EXPRESSIONS))]
 SLOW_FORWARD_S = 0.5
+STALLED_FORWARD_S = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +222,61 @@ def test_a_full_queue_is_answered_503_with_retry_after_promptly(model_dir: Path,
             assert session.get(f"{url}/healthz", timeout=30).status_code == 200
 
 
+class StalledGroundingModel(GroundingModel.func_or_class):  # type: ignore[misc, name-defined]
+    def _predict(self, items: list[Any]) -> list[Any]:
+        time.sleep(STALLED_FORWARD_S)
+        return super()._predict(items)
+
+
+@pytest.mark.slow
+def test_a_request_without_an_answer_in_time_is_504_under_serve_run_too(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline is the application's: it holds with no proxy deadline, as under ``serve run <import path>``."""
+    monkeypatch.setattr(serve_app, "GroundingModel", GroundingModel.options(func_or_class=StalledGroundingModel))
+    args = {"model": str(model_dir), "device": "cpu", "request_timeout_s": 2, "body_timeout_s": 1}
+    # running_app is serve.run(build_app(args)): no http_options.request_timeout_s
+    with running_app(args) as url, requests.Session() as session:
+        start = time.perf_counter()
+        response = ground(session, url, 0)
+        seconds = time.perf_counter() - start
+        assert response.status_code == 504, response.text
+        assert response.json()["error"]["code"] == "request_timeout"
+        assert 1.9 < seconds < STALLED_FORWARD_S, seconds
+        assert session.get(f"{url}/healthz", timeout=30).status_code == 200
+
+
+def test_the_request_deadline_answers_504_and_cancels_what_it_awaited() -> None:
+    cancelled = asyncio.Event()
+
+    async def stalled_model_call() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def handle() -> None:
+        async with serve_app.request_deadline(0.05):
+            await stalled_model_call()
+
+    async def main() -> ApiError:
+        with pytest.raises(ApiError) as caught:
+            await handle()
+        assert cancelled.is_set()
+        return caught.value
+
+    err = asyncio.run(main())
+    assert (err.status, err.code) == (504, "request_timeout")
+
+    async def in_time() -> int:
+        async with serve_app.request_deadline(None):
+            await asyncio.sleep(0.01)
+        return 1
+
+    assert asyncio.run(in_time()) == 1
+
+
 def _head(url: str, length: int) -> bytes:
     """The request line and headers of a JSON ``POST /v1/ground`` whose body will have ``length`` bytes."""
     host = urlsplit(url).netloc
@@ -315,7 +371,7 @@ def test_build_app_sets_queues_backpressure_and_autoscaling() -> None:
     # NOTE: Serve has no public accessor for a built application's deployments, hence the private attributes.
     ingress = serve_app.build_app(settings)._bound_deployment
     model = ingress.init_args[0]._bound_deployment
-    assert ingress.init_args[2] == ConnectionLimits(30.0, 16 * 1024, 3)
+    assert ingress.init_args[2] == ConnectionLimits(60.0, 30.0, 16 * 1024, 3)
     assert (model.max_queued_requests, ingress.max_queued_requests) == (8, 256)
     for deployment in (model, ingress):
         assert (deployment.backpressure_config.status_code, deployment.backpressure_config.retry_after_s) == (503, 3)
@@ -339,9 +395,12 @@ def test_load_settings_are_checked() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             ServeSettings.model_validate({"model": "m", **bad})
-    # Without a proxy deadline, any body deadline will do.
+    # Without a request deadline, any body deadline will do.
     settings = ServeSettings.model_validate({"model": "m", "request_timeout_s": "none", "body_timeout_s": "600"})
-    assert settings.connection_limits() == ConnectionLimits(body_timeout_s=600.0)
+    assert settings.connection_limits() == ConnectionLimits(request_timeout_s=None, body_timeout_s=600.0)
+    assert settings.proxy_request_timeout_s() is None
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        ConnectionLimits(request_timeout_s=0)
     with pytest.raises(ValueError, match="retry_after_s"):
         ConnectionLimits(retry_after_s=1.5)  # type: ignore[arg-type]
 
@@ -384,7 +443,7 @@ def test_headers_over_the_limit_are_431() -> None:
     assert (caught.value.status, caught.value.code) == (431, "headers_too_large")
 
 
-def test_jobs_serve_starts_the_proxy_with_the_request_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_jobs_serve_starts_the_proxy_with_the_request_timeout_plus_grace(monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
     from ray import serve
@@ -408,5 +467,5 @@ def test_jobs_serve_starts_the_proxy_with_the_request_timeout(monkeypatch: pytes
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    assert started[0] == {"host": "127.0.0.1", "port": 8123, "request_timeout_s": 45.0}
+    assert started[0] == {"host": "127.0.0.1", "port": 8123, "request_timeout_s": 50.0}  # 45 + PROXY_GRACE_S
     assert started[1]["request_timeout_s"] is None
