@@ -250,8 +250,8 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tupl
     differs from that file, which may extend another in turn. Sections merge key by key (lists and other values
     replace), so a file changes the fields it names and keeps the rest of its base. The overrides apply last.
 
-    Values are parsed as YAML, so ``optim.epochs=3``, ``run.use_gpu=true`` and ``model.overrides={depth: 2, global_blocks: [1]}``
-    all work.
+    Values are parsed as YAML, so ``optim.epochs=3``, ``run.use_gpu=true`` and
+    ``model.overrides={depth: 2, global_blocks: [1]}`` all work.
     """
     data: dict[str, Any] = {} if path is None else _read_config_file(Path(path))
     for item in overrides:

@@ -171,7 +171,7 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         _copy_model_dir(Path(directory), model_dir)
         state = json.loads((Path(directory) / STATE_FILE).read_text())
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    version = tracker.finish(model_dir, metrics) if tracker else None
+    version = tracker.finish(model_dir, metrics, int(state["step"])) if tracker else None
     print(f"[vglaw-train] done: step {state['step']}, model in {model_dir}", flush=True)
     return TrainingSummary(
         run_name=config.run.name,
@@ -193,6 +193,10 @@ def _copy_model_dir(checkpoint: Path, target: Path) -> None:
         shutil.copy2(checkpoint / name, staging / name)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
+
+
+MODEL_STEP_TAG = "vglaw.model_step"  # the step whose weights the run's logged model holds
+MODEL_VERSION_TAG = "vglaw.model_version"  # its registered version ("" when not registered)
 
 
 class _Tracker:
@@ -225,21 +229,28 @@ class _Tracker:
         else:
             print(f"[vglaw-train] resuming MLflow run {self.run_id} ({config.run.name})", flush=True)
 
-    def finish(self, model_dir: Path, metrics: dict[str, float]) -> str | None:
+    def finish(self, model_dir: Path, metrics: dict[str, float], step: int) -> str | None:
         """Logs the model, links the final validation metrics to it (the model's page shows them), registers it,
-        and ends the run."""
+        and ends the run. A rerun that trained nothing (the run's model was logged at this step) logs and
+        registers nothing new and returns the version registered then."""
         import mlflow
 
         from pipelines.tracking import registry, runs
 
+        tags = mlflow.get_run(self.run_id).data.tags
+        if tags.get(MODEL_STEP_TAG) == str(step):
+            print(f"[vglaw-train] nothing trained since step {step}: its model stays the run's model", flush=True)
+            mlflow.end_run()
+            return tags.get(MODEL_VERSION_TAG) or None
         name = self.config.run.registered_model_name
         logged = registry.log_vglaw_model(model_dir, registered_model_name=name, run_id=self.run_id)
         validation = {k: v for k, v in metrics.items() if k.startswith("val/") and math.isfinite(v)}
         if logged.model_id and validation:
-            runs.log_metrics(validation, step=int(metrics.get("step", 0)), run_id=self.run_id, model_id=logged.model_id)
+            runs.log_metrics(validation, step=step, run_id=self.run_id, model_id=logged.model_id)
         score = metrics.get("val/prec@0.5", metrics.get("val/miou"))
         if name and logged.version is not None and score is not None:
             registry.set_alias_if_best(name, logged.version, "val_score", score)
+        mlflow.set_tags({MODEL_STEP_TAG: str(step), MODEL_VERSION_TAG: logged.version or ""})
         mlflow.end_run()
         return logged.version
 

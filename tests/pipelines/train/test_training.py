@@ -234,7 +234,11 @@ def test_ray_job_submit_against_a_head_node(workspace) -> None:
         # Submitting the same run name again resumes the finished run: no new steps, the same MLflow run.
         second = run_job(submit, env, 600)
         assert "resuming MLflow run" in second.stdout and "done: step 3," in second.stdout
-        assert len(_runs_named(workspace, "submitted")) == 1
+        (run,) = _runs_named(workspace, "submitted")
+        # Nothing was trained the second time: one logged model, one registered version.
+        versions = _client(workspace).search_model_versions(f"run_id = '{run.info.run_id}'")
+        assert len(versions) == 1, [v.version for v in versions]
+        assert "nothing trained since step 3" in second.stdout
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
