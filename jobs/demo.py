@@ -19,18 +19,17 @@ dataset and the Parquet when their settings match, and resumes the finished trai
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipelines.serve.client import GroundingClient, GroundingError, GroundingResult
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -112,47 +111,33 @@ def _held_out_query() -> dict[str, Any]:
     return {"expression": row["expression"], "image": image, "box": [x, y, x + w, y + h]}
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 240.0) -> None:
+def _wait_healthy(client: GroundingClient, server: subprocess.Popen, timeout: float = 240.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if server.poll() is not None:
             raise SystemExit(f"demo: the Serve application exited ({server.returncode}); its output is above")
         try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if client.health().get("status") == "ok":
+                return
+        except GroundingError:  # not listening yet
             pass
         time.sleep(1.0)
-    raise SystemExit(f"demo: {url}/healthz did not answer within {timeout:.0f} s")
+    raise SystemExit(f"demo: {client.url}/healthz did not answer within {timeout:.0f} s")
 
 
-def _ground(url: str, image: Path, expression: str) -> dict[str, Any]:
-    body = json.dumps({"image": base64.b64encode(image.read_bytes()).decode(), "expression": expression}).encode()
-    request = urllib.request.Request(
-        f"{url}/v1/ground", data=body, headers={"Content-Type": "application/json"}, method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=60) as reply:
-        return json.loads(reply.read())
-
-
-def _draw(query: dict[str, Any], answer: dict[str, Any], path: Path) -> Path:
+def _draw(query: dict[str, Any], answer: GroundingResult, path: Path) -> Path:
     import numpy as np
     from PIL import Image
 
     from pipelines.evaluate.report import overlay_grid
     from vglaw.images import to_rgb8
-    from vglaw.rle import decode_rle
 
     image = to_rgb8(Image.open(query["image"]))
-    mask = None
-    if answer.get("mask"):
-        mask = decode_rle(answer["mask"]["counts"], answer["mask"]["size"]).astype(bool)
     grid = overlay_grid(
         [np.asarray(image)],
-        pred_boxes=[answer["box"]],
+        pred_boxes=[list(answer.box)],
         true_boxes=[query["box"]],
-        pred_masks=[mask],
+        pred_masks=[answer.mask],
         captions=[f'"{query["expression"]}"'],  # red: the answer, green: the truth
         columns=1,
         tile_size=512,
@@ -208,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen(
         [PY, "-m", "jobs.serve", "--model", MODEL_URI, "--port", str(args.port)], cwd=REPO, env=_env()
     )
+    client = GroundingClient(url)
     try:
-        _wait_healthy(url, server)
+        _wait_healthy(client, server)
         query = _held_out_query()
-        answer = _ground(url, query["image"], query["expression"])
+        answer = client.ground(query["image"], query["expression"])
         overlay = _draw(query, answer, REPO / RUN / "demo_query.png")
-        iou = _box_iou(answer["box"], query["box"])
-        shown = {k: answer[k] for k in ("expression", "box", "mask_area", "truncated", "model", "timings")}
+        iou = _box_iou(list(answer.box), query["box"])
+        shown = {k: answer.raw[k] for k in ("expression", "box", "mask_area", "truncated", "model", "timings")}
         print(json.dumps(shown, indent=2))
         print(f"box IoU with the truth: {iou:.3f}; overlay: {overlay.relative_to(REPO)}", flush=True)
         demo.stages.append(Stage("Ray Serve query", time.perf_counter() - serve_started))
@@ -226,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        client.close()
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             try:

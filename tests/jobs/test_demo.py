@@ -11,6 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from jobs import demo
+from pipelines.serve.client import GroundingResult
 
 
 def test_box_iou() -> None:
@@ -36,7 +37,18 @@ def test_overlay_draws_the_answer(tmp_path: Path) -> None:
     mask = np.zeros((60, 80), np.uint8)
     mask[10:30, 20:50] = 1
     rle = mask_utils.encode(np.asfortranarray(mask))
-    answer = {"box": [20, 10, 50, 30], "mask": {"size": rle["size"], "counts": rle["counts"].decode()}}
+    body = {
+        "box": [20, 10, 50, 30],
+        "box_normalized": [0.25, 1 / 6, 0.625, 0.5],
+        "mask": {"format": "rle", "size": rle["size"], "counts": rle["counts"].decode()},
+        "mask_area": int(mask.sum()),
+        "threshold": 0.35,
+        "image": {"width": 80, "height": 60},
+        "expression": "the grey square",
+        "truncated": False,
+        "model": {"name": "m", "version": "1"},
+    }
+    answer = GroundingResult.from_response(body)  # as the client returns a real response
     query = {"image": image, "expression": "the grey square", "box": [18, 8, 52, 32]}
     out = demo._draw(query, answer, tmp_path / "out" / "query.png")
     drawn = np.asarray(Image.open(out).convert("RGB"), dtype=int)
