@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser_harness import headless_chromium
 from tests.pipelines.serve_harness import running_app, save_tiny_model, shapes_image
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 TOKEN = "browser-token-42"
 REPO = Path(__file__).resolve().parents[3]
 # The screenshot is also kept here (an ignored folder), to look at after the run.
@@ -48,27 +47,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def browser(tmp_path: Path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("chromium and chromium-driver are not installed (make setup installs them with apt-get)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",  # Chromium refuses to start as root with its sandbox
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1100,1200",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
+    driver = headless_chromium(tmp_path / "chromium-profile", window=(1100, 1200))
     yield driver
     driver.quit()
 

@@ -143,8 +143,8 @@ def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None
     version = client.get_model_version_by_alias(config.run.registered_model_name, "best")
     assert version.run_id == run.info.run_id
     # The logged model carries the final validation metrics, the values the run's history ends with.
-    model = mlflow.get_logged_model(version.model_id)
-    linked = {m.key: m.value for m in model.metrics}
+    (output,) = client.get_run(run.info.run_id).outputs.model_outputs
+    linked = {m.key: m.value for m in client.get_logged_model(output.model_id).metrics}
     assert linked["val/prec_at_0.5"] == prec[-1].value and linked["val/miou"] == miou[-1].value, linked
     image = Image.open(next((workspace["root"] / "raw" / "images").glob("*.jpg"))).convert("RGB")
     pyfunc = mlflow.pyfunc.load_model(f"models:/{config.run.registered_model_name}@best")
@@ -159,6 +159,28 @@ def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None
     answer = pyfunc.predict(frame)
     direct = Predictor.from_pretrained(workspace["runs"] / "learns" / "model").predict(image, "the red circle")
     np.testing.assert_allclose(np.asarray(answer["box"].iloc[0], dtype=float), direct.box, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_shows_the_learning_runs_metrics_and_overlays(workspace, tmp_path: Path) -> None:
+    """The run above, as its users see it: ``mlflow server`` on loopback, the run's pages in headless Chromium."""
+    from tests.browser_harness import headless_chromium
+    from tests.pipelines.tracking.mlflow_ui import check_run_page, mlflow_server
+
+    runs = _runs_named(workspace, "learns")
+    if not runs or runs[0].info.status != "FINISHED":
+        pytest.skip("the learning run did not finish (its own test says why)")
+    (run,) = runs
+    screenshot = REPO / "runs" / "test-artifacts" / "mlflow_run.png"  # an ignored folder, kept to look at
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    with mlflow_server(f"sqlite:///{workspace['mlflow']}", tmp_path) as url:
+        driver = headless_chromium(tmp_path / "chromium-profile", window=(1400, 1100))
+        try:
+            metrics = ["train/loss", "val/prec_at_0.5", "val/miou", "system/cpu_utilization_percentage"]
+            check_run_page(driver, url, run.info.experiment_id, run.info.run_id, metrics, "val_overlays", screenshot)
+        finally:
+            driver.quit()
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
