@@ -95,9 +95,9 @@ def test_the_paper_recipe_runs_end_to_end_in_bf16(paper_setup) -> None:
         args = [PY, "-m", "jobs.train", "--config", str(CONFIG), *config_overrides]
         driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         run_dir = root / "runs" / config.run.name
-        wait_for_checkpoint(driver, run_dir, timeout=900)
+        wait_for_checkpoint(driver, run_dir, timeout=1800)
         os.kill(descendants_named(driver.pid, "RayTrainWorker")[0].pid, signal.SIGKILL)
-        assert driver.wait(timeout=900) == 0, log_path.read_text()[-4000:]
+        assert driver.wait(timeout=1800) == 0, log_path.read_text()[-4000:]
     text = log_path.read_text()
     assert "2 workers on 1 node(s), bf16" in text, text[-3000:]
     assert 0 < resumed_step(text) < 4, text[-3000:]  # from a checkpoint, not from the start

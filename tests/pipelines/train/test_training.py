@@ -73,7 +73,7 @@ def _runs_named(ws: dict[str, Path], name: str) -> list:
 @pytest.mark.slow
 def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None:
     # Compiled, as GPU runs are: torch.compile (inductor on the CPU) wraps the DDP model, and it still learns.
-    result = run_job(_train_args(workspace, "learns", "model.compile=true"), _env(workspace), 1200)
+    result = run_job(_train_args(workspace, "learns", "model.compile=true"), _env(workspace), 2400)
     assert "2 workers on 1 node(s), fp32, compile True" in result.stdout + result.stderr
     (run,) = _runs_named(workspace, "learns")
     client = _client(workspace)
