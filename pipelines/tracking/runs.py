@@ -156,7 +156,7 @@ def get_or_create_run(experiment: str, run_name: str, tags: Mapping[str, str] | 
     )
 
 
-def start_named_run(experiment: str, run_name: str, system_metrics: bool = False) -> mlflow.ActiveRun:
+def start_named_run(experiment: str, run_name: str, system_metrics: bool = False) -> tuple[mlflow.ActiveRun, bool]:
     """Starts the run called ``run_name`` as the active run: a new one through ``mlflow.start_run``, so that MLflow
     sets its context tags (``mlflow.source.git.commit``, ``mlflow.source.name``, ``mlflow.user``), or the
     existing one by id, so that a restarted job resumes its run instead of making a second.
@@ -166,13 +166,17 @@ def start_named_run(experiment: str, run_name: str, system_metrics: bool = False
         run_name: The run's name.
         system_metrics: Sample CPU, memory (and GPU, with ``nvidia-ml-py``) as ``system/*`` metrics while the run
             is active (``log_system_metrics``; the interval is ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``).
+
+    Returns:
+        The active run, and whether it is an earlier one resumed.
     """
     run_id = find_run(experiment, run_name)
     if run_id is not None:
-        return mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
-    return mlflow.start_run(
+        return mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics), True
+    run = mlflow.start_run(
         experiment_id=ensure_experiment(experiment), run_name=run_name, log_system_metrics=system_metrics
     )
+    return run, False
 
 
 def log_dataset_input(

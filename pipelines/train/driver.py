@@ -214,11 +214,11 @@ class _Tracker:
 
         self.config = config
         self.uri = runs.configure_mlflow()
-        existing = runs.find_run(config.run.experiment, config.run.name)
         if mlflow.active_run() is not None:  # e.g. a caller's run left open: this run is its own
             mlflow.end_run()
-        self.run_id = runs.start_named_run(config.run.experiment, config.run.name, system_metrics=True).info.run_id
-        if existing is None:
+        run, resumed = runs.start_named_run(config.run.experiment, config.run.name, system_metrics=True)
+        self.run_id = run.info.run_id
+        if not resumed:
             runs.log_params(config.to_dict(), run_id=self.run_id)
             runs.log_dataset_input(config.data.path, manifest, context="training")
             with tempfile.TemporaryDirectory() as tmp:
