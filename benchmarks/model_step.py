@@ -28,7 +28,7 @@ import torch
 
 from vglaw import create_model
 from vglaw.losses import GroundingLoss
-from vglaw.precision import PRECISIONS, autocast, resolve_precision
+from vglaw.precision import PRECISIONS, autocast, cpu_bf16_instructions, resolve_precision
 from vglaw.transforms import normalize
 
 VARIANTS = {
@@ -94,16 +94,11 @@ def time_steps(
 
 def cpu_description() -> str:
     """The CPU's model name and its bf16 instruction sets, from /proc/cpuinfo where there is one."""
-    name, flags = "", set()
     cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not name:
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"}) or ["no bf16 instructions listed"]
-    return f"{name or platform.processor() or platform.machine()} ({', '.join(bf16)})"
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
+    name = names[0] if names else platform.processor() or platform.machine()
+    return f"{name} ({', '.join(cpu_bf16_instructions(cpuinfo)) or 'no bf16 instructions listed'})"
 
 
 def conditions(args: argparse.Namespace) -> str:

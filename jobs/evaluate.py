@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("eval_report.json"),
+        default=None,
         help="JSON report path; <stem>_by_length.png and <stem>_overlays_<split>.png go beside it "
-        "(default eval_report.json)",
+        "(default runs/evaluation/<model>/report.json)",
     )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all of this machine)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,27 @@ from pipelines.evaluate.report import (
 from pipelines.runtime import ensure_ray
 from vglaw.precision import check_precision
 
-__all__ = ["EvaluationConfig", "EvaluationOutputs", "log_evaluation", "run_evaluation"]
+__all__ = ["EvaluationConfig", "EvaluationOutputs", "default_report_path", "log_evaluation", "run_evaluation"]
+
+
+def default_report_path(model: str) -> Path:
+    """``runs/evaluation/<model>/report.json``, beside the training runs and ignored by git like them.
+
+    ``<model>`` names what was evaluated: ``vglaw-synthetic`` for ``runs/vglaw-synthetic/model``,
+    ``vglaw-synthetic@best`` for ``models:/vglaw-synthetic@best``, ``vglaw-synthetic-v3`` for version 3.
+    """
+    if "://" in model or model.startswith(("models:/", "runs:/")):
+        scheme, _, rest = model.partition(":/")
+        parts = [part for part in rest.split("/") if part]
+        if scheme == "models" and len(parts) == 2 and parts[1].isdigit():
+            label = f"{parts[0]}-v{parts[1]}"
+        else:
+            label = "-".join(parts)
+    else:
+        path = Path(model)
+        label = path.parent.name if path.name == "model" and path.parent.name else path.name
+    label = re.sub(r"[^A-Za-z0-9._@-]+", "-", label).strip("-.") or "model"
+    return Path("runs") / "evaluation" / label / "report.json"
 
 
 @dataclass
@@ -32,7 +53,8 @@ class EvaluationConfig:
         model: A model directory or an MLflow URI (``models:/name@alias``, ``models:/name/version``, ``runs:/...``).
         data: Output folder of the preprocessing job.
         splits: Splits to evaluate, in report order.
-        out: Path of the JSON report; the plot and overlays are written beside it with the same stem.
+        out: Path of the JSON report; the plot and overlays are written beside it with the same stem. None:
+            :func:`default_report_path` of the model.
         num_actors: Actor-pool size per split.
         batch_size: Expressions per forward pass.
         num_cpus_per_actor: CPUs per actor.
@@ -46,7 +68,7 @@ class EvaluationConfig:
     model: str
     data: Path
     splits: tuple[str, ...] = ("val",)
-    out: Path = Path("eval_report.json")
+    out: Path | None = None
     num_actors: int = 1
     batch_size: int = 16
     num_cpus_per_actor: float = 1.0
@@ -59,7 +81,7 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
-        self.out = Path(self.out)
+        self.out = Path(self.out) if self.out is not None else default_report_path(self.model)
         self.splits = tuple(s.strip() for s in self.splits if s.strip())
         if not self.model:
             raise ValueError("model must name a directory or an MLflow URI")

@@ -24,7 +24,7 @@ from vglaw.adaptive import LanguageAdaptiveWeights, linear_with_update, material
 from vglaw.losses import GroundingLoss
 from vglaw.metrics import GroundingMetrics, box_iou_paired
 from vglaw.model import VGLAWOutput
-from vglaw.precision import PRECISIONS, autocast, autocast_dtype, resolve_precision
+from vglaw.precision import PRECISIONS, autocast, autocast_dtype, cpu_bf16_instructions, resolve_precision
 from vglaw.transforms import normalize
 
 # Worst measured (tiny and small | base) -> tolerance.
@@ -146,6 +146,19 @@ def test_resolve_precision_defaults_and_checks() -> None:
     for bad in ("fp16", "bfloat16", "BF16", ""):
         with pytest.raises(ValueError, match="precision must be one of"):
             resolve_precision(bad, "cpu")
+
+
+def test_cpu_bf16_instructions_are_read_from_the_flags_line(tmp_path) -> None:
+    head = "processor\t: 0\nmodel name\t: Test CPU avx512_bf16 (in the name, not a flag)\n"
+    cases = {
+        "fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16": ("avx512_bf16", "amx_bf16"),
+        "fpu sse2 avx2 avx512f avx512_vnni": (),
+        "fpu amx_bf16 amx_int8": ("amx_bf16",),
+    }
+    for flags, expected in cases.items():
+        (tmp_path / "cpuinfo").write_text(f"{head}flags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: avx512_bf16\n")
+        assert cpu_bf16_instructions(tmp_path / "cpuinfo") == expected, flags
+    assert cpu_bf16_instructions(tmp_path / "absent") == ()
 
 
 def test_autocast_region_dtype() -> None:

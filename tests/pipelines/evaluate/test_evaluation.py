@@ -212,6 +212,21 @@ def test_cli_end_to_end(model_dir: Path, data_dir: Path, tmp_path: Path, monkeyp
     assert main(["--model", str(model_dir), "--data", str(data_dir), "--actors", "0"]) == 2
 
 
+def test_reports_go_under_runs_by_default_named_after_the_model() -> None:
+    expected = {
+        "runs/vglaw-synthetic/model": "vglaw-synthetic",
+        "/models/my model": "my-model",
+        "models:/vglaw-synthetic@best": "vglaw-synthetic@best",
+        "models:/vglaw-synthetic/3": "vglaw-synthetic-v3",
+        "runs:/0a1b2c/model": "0a1b2c-model",
+    }
+    for model, label in expected.items():
+        config = EvaluationConfig(model=model, data=Path("data"))
+        assert config.out == Path("runs", "evaluation", label, "report.json"), model
+        assert config.artifact_path("by_length.png") == Path("runs", "evaluation", label, "report_by_length.png")
+    assert EvaluationConfig(model="m", data=Path("d"), out="x/r.json").out == Path("x/r.json")
+
+
 def test_cli_help_documents_every_flag() -> None:
     text = subprocess.run(
         [sys.executable, "-m", "jobs.evaluate", "--help"], cwd=REPO, capture_output=True, text=True, check=True

@@ -511,6 +511,20 @@ def _new_log_lines(logs: Path, before: dict[Path, int]) -> dict[str, list[str]]:
     return gained
 
 
+def _tracebacks(lines: list[str]) -> list[str]:
+    """Each traceback in ``lines``: from its "Traceback" line to the first line after it that is not indented."""
+    blocks, block = [], None
+    for line in lines:
+        if "Traceback (most recent call last)" in line:
+            block = [line]
+        elif block is not None:
+            block.append(line)
+            if line and not line[0].isspace():
+                blocks.append("\n".join(block))
+                block = None
+    return blocks + (["\n".join(block)] if block else [])
+
+
 def _proxy_lines(gained: dict[str, list[str]]) -> list[str]:
     return [line for name, lines in gained.items() if name.startswith("serve/proxy_") for line in lines]
 
@@ -537,8 +551,13 @@ def test_served_clients_that_leave_are_logged_quietly(served: str) -> None:
     time.sleep(2)
     gained = _new_log_lines(logs, before)
     for name, lines in gained.items():
-        loud = [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
-        if "GroundingAPI" in name or "GroundingModel" in name:
-            loud += [line for line in lines if line.startswith("WARNING")]
-        assert loud == [], f"{name}: {loud}"
+        if name.startswith("serve/"):  # what Serve, the app and the replicas log, request by request
+            loud = [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+            if "GroundingAPI" in name or "GroundingModel" in name:
+                loud += [line for line in lines if line.startswith("WARNING")]
+        else:
+            # NOTE: a worker's raw stderr also gets Ray's own troubles on a loaded machine (such as a metrics
+            # report that timed out); only a traceback through this project's code is about the request.
+            loud = [block for block in _tracebacks(lines) if "/pipelines/" in block or "/vglaw/" in block]
+        assert loud == [], f"{name}: " + "\n".join(lines)
     assert requests.post(f"{served}/v1/ground", data=body, headers={"Content-Type": "application/json"}).ok

@@ -169,9 +169,10 @@ def test_requests_by_status_latency_and_batch_sizes_reach_prometheus(served: tup
         ("/v1/ground", "422", "empty_expression"): 2,
         ("unmatched", "404", "not_found"): 1,
     }
-    # NOTE: Ray's workers send the increments since their last report, and on a loaded machine a report can be
-    # lost for good; so every series must show up, never above what was sent, and all of them exactly on a
-    # quiet machine (as seen every time alone).
+    # NOTE: how many of each reach Prometheus is Ray's transport: a worker sends the increments since its last
+    # report, and on a loaded machine a report can be lost, or sent again after its deadline although it arrived
+    # (a CI run counted 4 and 3 of 3 and 2 sent). Exact counts are the in-process test's; here every series
+    # must show up, with the labels and buckets Serve adds, each histogram whole within one scrape.
     deadline = time.monotonic() + 90  # the workers report every 4 s
     while True:
         samples = _samples(port)
@@ -184,19 +185,19 @@ def test_requests_by_status_latency_and_batch_sizes_reach_prometheus(served: tup
             break
         time.sleep(1)
     shown = json.dumps([s for s in samples if "vglaw" in s[0]], indent=1)
-    assert all(1 <= counts[key] <= expected[key] for key in expected), (counts, shown)
+    assert all(counts[key] >= 1 for key in expected), (counts, shown)
     ingress = {"application": APP_NAME, "deployment": "GroundingAPI"}
     # No answer under another route, status or code than the ones sent.
     assert _total(samples, "ray_vglaw_requests_total", **ingress) == sum(counts.values()), shown
     # Latency: every request in the +Inf bucket, none of these few under a millisecond.
     latency = "ray_vglaw_request_latency_ms_bucket"
     ok = _total(samples, "ray_vglaw_request_latency_ms_count", route="/v1/ground", status="200")
-    assert 1 <= ok <= 3 and _total(samples, latency, route="/v1/ground", status="200", le="+Inf") == ok
-    assert _total(samples, latency, route="/v1/ground", status="200", le="1.0") == 0
-    assert 1 <= _total(samples, latency, route="/v1/ground", status="422", le="+Inf") <= 2
+    assert ok >= 1 and _total(samples, latency, route="/v1/ground", status="200", le="+Inf") == ok, shown
+    assert _total(samples, latency, route="/v1/ground", status="200", le="1.0") == 0, shown
+    assert _total(samples, latency, route="/v1/ground", status="422", le="+Inf") >= 1, shown
     # Batch sizes: the three requests were sent one after another, so batches of one.
     model = {"application": APP_NAME, "deployment": "GroundingModel"}
-    assert 1 <= batches <= 3 and _total(samples, "ray_vglaw_batch_size_count", **model) == batches, shown
+    assert batches >= 1 and _total(samples, "ray_vglaw_batch_size_count", **model) == batches, shown
     assert _total(samples, "ray_vglaw_batch_size_bucket", le="1.0") == batches
 
 

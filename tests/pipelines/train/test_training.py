@@ -250,9 +250,12 @@ def test_ray_job_submit_against_a_head_node(workspace) -> None:
         submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json",
                   runtime_env, "--", "python", "-m", "jobs.train", "--config", "configs/test.yaml",
                   f"data.path={workspace['data']}", f"run.storage_path={workspace['runs']}", "run.name=submitted",
-                  "optim.epochs=1", "optim.max_steps_per_epoch=3", "run.overlays=0"]  # fmt: skip
+                  "optim.epochs=1", "optim.max_steps_per_epoch=3", "run.overlays=0",
+                  "run.precision=bf16"]  # fmt: skip
         first = run_job(submit, env, 600)
         assert "succeeded" in first.stdout.lower() and "done: step 3," in first.stdout
+        # bf16 autocast through Ray Train, as GPU workers train (cheap at tiny even where the CPU emulates bf16).
+        assert "2 workers on 1 node(s), bf16, compile False" in first.stdout
         # Submitting the same run name again resumes the finished run: no new steps, the same MLflow run.
         second = run_job(submit, env, 600)
         assert "resuming MLflow run" in second.stdout and "done: step 3," in second.stdout
