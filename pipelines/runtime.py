@@ -1,6 +1,12 @@
 """Helpers every stage shares: starting or joining Ray, pausing the cyclic garbage collector, hashing files, and
 the lazy names of the stage packages.
 
+Starting Ray: a local instance runs without the dashboard, and so without Ray's State API. Ray Train's
+placement-group cleaner asks that API every second whether the training controller still lives, and warns on
+each failed ask: a line a second through a whole training run. Its workers drop that one warning
+(:func:`quiet_local_workers`); a local instance ends with its driver and its placement groups with it, so the
+cleaner has nothing to do there. On a cluster, whose dashboard answers, nothing is filtered.
+
 Lazy names: each stage package (``pipelines.data``, ``.train``, ``.evaluate``, ``.serve``, ``.tracking``) names
 its entry points in ``__init__`` without importing them (PEP 562), so that importing one light module of a stage,
 such as request parsing or the Parquet reader, does not load Ray, MLflow or torch.
@@ -16,12 +22,17 @@ from __future__ import annotations
 import gc
 import hashlib
 import importlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ensure_ray", "file_sha256", "gc_paused", "lazy_exports", "text_sha256"]
+__all__ = ["ensure_ray", "file_sha256", "gc_paused", "lazy_exports", "quiet_local_workers", "text_sha256"]
+
+# Ray Train's placement-group cleaner (Ray 2.60) and its warning when the State API does not answer.
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_PG_CLEANER_NO_STATE_API = "Failed to query Ray Train Controller actor state"
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -40,7 +51,29 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # NOTE: "local" starts a new instance even when another one runs on this machine (``ray start``); a plain
         # init would join that one instead, with resources that are not ours to size.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            runtime_env={"worker_process_setup_hook": "pipelines.runtime.quiet_local_workers"},
+        )
+
+
+class _DropMessagesStartingWith(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_local_workers() -> None:
+    """Each worker of a local instance: drops the placement-group cleaner's warning that the State API, which
+    runs with the dashboard this instance lacks, did not answer (module docstring); its other records stay."""
+    logger = logging.getLogger(_PG_CLEANER_LOGGER)
+    if not any(isinstance(f, _DropMessagesStartingWith) for f in logger.filters):
+        logger.addFilter(_DropMessagesStartingWith(_PG_CLEANER_NO_STATE_API))
 
 
 @contextmanager
