@@ -222,6 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _experiment_link(db: Path, ui_url: str = "http://127.0.0.1:5000") -> str:
+    """The demo experiment's page in the MLflow UI, opened in its model-training view."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking.runs import experiment_page
+    from pipelines.train.config import load_config
+
+    experiment = MlflowClient(tracking_uri=f"sqlite:///{db}").get_experiment_by_name(
+        load_config(REPO / CONFIG).run.experiment
+    )
+    return experiment_page(ui_url, experiment.experiment_id) if experiment is not None else ui_url
+
+
 def _summary(demo: Demo, report: dict[str, Any], seconds: float, url: str, overlay: Path, serving: bool) -> None:
     print("\n=== summary ===")
     for stage in demo.stages:
@@ -238,7 +251,7 @@ def _summary(demo: Demo, report: dict[str, Any], seconds: float, url: str, overl
   model         {RUN}/model (registered as {MODEL_URI})
   evaluation    {RUN}/evaluation.json
   overlay       {overlay.relative_to(REPO)}
-  MLflow UI     .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}   then http://127.0.0.1:5000
+  MLflow UI     .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}   then {_experiment_link(db)}
   web page      .venv/bin/python -m jobs.serve --model {MODEL_URI}   then {url}/"""
     )
     print(f"\nServing at {url}/ until Ctrl-C." if serving else "\nThe server is stopped (--keep-serving keeps it).")

@@ -29,6 +29,7 @@ __all__ = [
     "client",
     "configure_mlflow",
     "ensure_experiment",
+    "experiment_page",
     "find_run",
     "flatten_params",
     "get_or_create_run",
@@ -50,9 +51,12 @@ MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 PARAMS_PER_BATCH = 100
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
-# The MLflow UI opens an experiment in its model-training view (not the GenAI traces one) with this tag.
+# The experiment's kind for MLflow: model training, not GenAI. The UI (3.17) still picks its model-training or
+# GenAI view from the link's ``workflowType``, else from a browser-local switch that starts at GenAI whatever the
+# kind (MLflow issue #24498); :func:`experiment_page` links with it.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+UI_WORKFLOW = "machine_learning"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,6 +71,11 @@ def project_root() -> Path:
             if (folder / "pyproject.toml").is_file():
                 return folder
     return Path.cwd().resolve()
+
+
+def experiment_page(ui_url: str, experiment_id: str) -> str:
+    """The link that opens an experiment's runs in the MLflow UI at ``ui_url``, in its model-training view."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType={UI_WORKFLOW}"
 
 
 def tracking_uri() -> str:

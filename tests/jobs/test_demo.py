@@ -58,3 +58,17 @@ def test_overlay_draws_the_answer(tmp_path: Path) -> None:
     inside = drawn[top + int(20 * scale), int(35 * scale)]
     outside = drawn[top + int(50 * scale), int(10 * scale)]
     assert inside[0] - inside[1] > 40 and abs(outside[0] - outside[1]) < 10
+
+
+def test_the_summary_links_the_experiment_in_the_training_view(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train.config import load_config
+
+    db = tmp_path / "mlflow.db"
+    assert demo._experiment_link(db) == "http://127.0.0.1:5000"  # no demo experiment yet: the UI's start page
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    client.create_experiment("another")
+    experiment_id = client.create_experiment(load_config(demo.REPO / demo.CONFIG).run.experiment)
+    expected = f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"
+    assert demo._experiment_link(db) == expected

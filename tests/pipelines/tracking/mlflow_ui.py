@@ -4,6 +4,8 @@ key=..., step=...)``).
 
 What the UI of MLflow 3.17 shows (found by exploring it with a driver):
 
+- ``#/experiments/<id>`` opens the GenAI overview (trace charts) in a new browser, whatever the experiment's
+  ``mlflow.experimentKind``, unless the link carries ``?workflowType=machine_learning``: then the runs table.
 - ``#/experiments/<id>/runs/<run_id>`` (the run's Overview tab) has a "Metrics (N)" table whose metric names are
   links to ``#/experiments/<id>/runs/<run_id>/model-metrics``.
 - The "Model metrics" tab (``.../model-metrics``) has one chart card per metric and one "image grid" card per
@@ -118,6 +120,24 @@ def _wait(driver, condition: Callable[[Any], Any], timeout: float, message: str 
     except TimeoutException:
         text = message() if callable(message) else message
         raise AssertionError(f"{text} (waited {timeout:.0f} s at {driver.current_url})") from None
+
+
+def check_experiment_page(driver, url: str, run_name: str, timeout: float = 120) -> None:
+    """Opens ``url`` (:func:`pipelines.tracking.runs.experiment_page`) and waits for the model-training view: its
+    runs table ("Run Name" header) listing ``run_name``. The GenAI view shows trace charts and no runs table."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+
+    def body() -> str:
+        return driver.find_element(By.TAG_NAME, "body").text
+
+    _wait(
+        driver,
+        lambda d: "Run Name" in body().splitlines() and run_name in body().splitlines(),
+        timeout,
+        lambda: f"no runs table with {run_name!r}: {body()[:600]!r}",
+    )
 
 
 def shown_metric_keys(driver, run_id: str) -> set[str]:

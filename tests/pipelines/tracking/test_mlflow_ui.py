@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.tracking.runs import experiment_page
 from tests.browser_harness import headless_chromium
 from tests.pipelines.tracking.mlflow_ui import (
+    check_experiment_page,
     check_run_page,
     image_card,
     mlflow_server,
@@ -77,6 +79,8 @@ def test_mlflow_ui_shows_metrics_and_images(tmp_path: Path, monkeypatch: pytest.
             )
             shown = shown_metric_keys(driver, run_id)
             assert "val/no_such_metric" not in shown and "train/loss" in shown
+            # The experiment's link opens its runs, in the model-training view.
+            check_experiment_page(driver, experiment_page(base_url, experiment_id), "ui-run")
     finally:
         driver.quit()
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
