@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from pipelines.tracking.runs import UI_WORKFLOW
+
 CARD = "[data-testid=experiment-view-compare-runs-card]"
 SERVER_START_TIMEOUT = 300.0  # the server imports for a long time on a busy machine (90 s seen on 2 cores)
 _CARD_IMAGES_JS = """
@@ -202,7 +204,8 @@ def check_run_page(
     from selenium.webdriver.common.keys import Keys
 
     run_url = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    driver.get(run_url)
+    view = f"?workflowType={UI_WORKFLOW}"  # the model-training view's sidebar, as the project's links open it
+    driver.get(run_url + view)
     wanted = set(metric_keys)
     _wait(
         driver,
@@ -211,7 +214,7 @@ def check_run_page(
         lambda: f"the run's Metrics table does not show {sorted(wanted - shown_metric_keys(driver, run_id))}",
     )
 
-    driver.get(f"{run_url}/model-metrics")
+    driver.get(f"{run_url}/model-metrics{view}")
     card = _wait(driver, lambda d: image_card(d, image_key), timeout, f"no image card titled {image_key!r}")
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)
     # The step slider starts at step 0, below its min: its keys and a click at its min do nothing then. The step
