@@ -157,32 +157,45 @@ def _total(samples: list[tuple[str, dict[str, str], float]], name: str, **labels
     return sum(v for n, ls, v in samples if n == name and all(ls.get(k) == x for k, x in labels.items()))
 
 
-@pytest.mark.slow
-def test_requests_by_status_latency_and_batch_sizes_reach_prometheus(served: tuple[str, int]) -> None:
-    url, port = served
+def _send_each_kind(url: str) -> None:
+    """Three groundings answered 200, two empty expressions 422 (one of them only invisible), one unknown path 404."""
     for expression in ("the circle", "the square", "the left one", "", "\u200b"):
         response = requests.post(f"{url}/v1/ground", files={"image": ("x.png", PNG)}, data={"expression": expression})
         assert response.status_code == (200 if expression.strip("\u200b") else 422), response.text
     assert requests.get(f"{url}/v2/nothing", timeout=30).status_code == 404
-    expected = {
-        ("/v1/ground", "200", "none"): 3,
-        ("/v1/ground", "422", "empty_expression"): 2,
-        ("unmatched", "404", "not_found"): 1,
-    }
+
+
+@pytest.mark.slow
+def test_requests_by_status_latency_and_batch_sizes_reach_prometheus(served: tuple[str, int]) -> None:
+    url, port = served
+    expected = (
+        ("/v1/ground", "200", "none"),
+        ("/v1/ground", "422", "empty_expression"),
+        ("unmatched", "404", "not_found"),
+    )
     # NOTE: how many of each reach Prometheus is Ray's transport: a worker sends the increments since its last
-    # report, and on a loaded machine a report can be lost, or sent again after its deadline although it arrived
-    # (a CI run counted 4 and 3 of 3 and 2 sent). Exact counts are the in-process test's; here every series
-    # must show up, with the labels and buckets Serve adds, each histogram whole within one scrape.
-    deadline = time.monotonic() + 90  # the workers report every 4 s
+    # report, and on a loaded machine a report can be lost for good, or sent again after its deadline although it
+    # arrived (a CI run counted 4 and 3 of 3 and 2 sent). Exact counts are the in-process test's. Here every series
+    # must show up, with the labels and buckets Serve adds and each histogram whole within one scrape; a round of
+    # requests is sent again while one is missing, so that one lost report does not fail the test.
+    _send_each_kind(url)
+    rounds, last_round = 1, time.monotonic()
+    deadline = last_round + 120  # the workers report every 4 s
     while True:
-        samples = _samples(port)
+        try:
+            samples = _samples(port)
+        except requests.RequestException:  # the metrics agent is slow to answer on a loaded machine
+            samples = []
         counts = {
             key: _total(samples, "ray_vglaw_requests_total", route=key[0], status=key[1], code=key[2])
             for key in expected
         }
         batches = _total(samples, "ray_vglaw_batch_size_count")
-        if (counts == expected and batches == 3) or time.monotonic() > deadline:
+        if (all(counts[key] >= 1 for key in expected) and batches >= 1) or time.monotonic() > deadline:
             break
+        if time.monotonic() - last_round > 12 and rounds < 5:
+            _send_each_kind(url)
+            rounds, last_round = rounds + 1, time.monotonic()
         time.sleep(1)
     shown = json.dumps([s for s in samples if "vglaw" in s[0]], indent=1)
     assert all(counts[key] >= 1 for key in expected), (counts, shown)
@@ -198,7 +211,7 @@ def test_requests_by_status_latency_and_batch_sizes_reach_prometheus(served: tup
     # Batch sizes: the three requests were sent one after another, so batches of one.
     model = {"application": APP_NAME, "deployment": "GroundingModel"}
     assert batches >= 1 and _total(samples, "ray_vglaw_batch_size_count", **model) == batches, shown
-    assert _total(samples, "ray_vglaw_batch_size_bucket", le="1.0") == batches
+    assert _total(samples, "ray_vglaw_batch_size_bucket", le="1.0") == batches, shown
 
 
 def test_docs_name_the_metrics() -> None:
