@@ -236,7 +236,7 @@ def _experiment_link(db: Path, ui_url: str = "http://127.0.0.1:5000") -> str:
 
 
 def _summary(demo: Demo, report: dict[str, Any], seconds: float, url: str, overlay: Path, serving: bool) -> None:
-    print("\n=== summary ===")
+    print(f"\n=== [{demo.total}/{demo.total}] summary ===")
     for stage in demo.stages:
         print(f"  {stage.name:<42} {stage.seconds:7.1f} s  {stage.note}")
     print(f"  {'total':<42} {seconds:7.1f} s")
