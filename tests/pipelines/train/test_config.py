@@ -139,13 +139,14 @@ SHIPPED: dict[str, dict[str, Any]] = {
         "loss.category": 3.0,
         "run.name": "vglaw-synthetic-convergence",
         "run.experiment": "vglaw-convergence",
-        "run.registered_model_name": "vglaw-synthetic",
+        "run.registered_model_name": "vglaw-synthetic-convergence",
     },
     "test": {
         **SYNTHETIC_SCHEDULE,
         "optim.epochs": 8,
         "optim.decay_epochs": (),
         "optim.warmup_steps": 10,
+        "run.name": "vglaw-test",
         "run.experiment": "vglaw-tests",
         "run.log_every_steps": 5,
         "run.registered_model_name": "vglaw-test",
@@ -170,6 +171,15 @@ def test_shipped_config_loads_to_its_pinned_values(name: str) -> None:
     for section, fields in expected.items():
         for field, value in fields.items():
             assert type(loaded[section][field]) is type(value), f"{section}.{field}"
+
+
+def test_each_config_trains_its_own_run_and_registers_its_own_model() -> None:
+    """A run name is the resume key and a registered model holds the `best` alias: two configs sharing either would
+    resume each other's runs or move each other's alias (paper.yaml is a base that the dataset configs extend)."""
+    runs = {name: load_config(CONFIGS / f"{name}.yaml").run for name in SHIPPED}
+    for field in ("name", "registered_model_name"):
+        values = [getattr(run, field) for run in runs.values()]
+        assert len(set(values)) == len(values), {name: getattr(run, field) for name, run in runs.items()}
 
 
 def test_the_paper_configs_extend_one_recipe_and_every_config_is_pinned() -> None:
