@@ -196,8 +196,24 @@ class TrainConfig:
             bad = set(values) - known
             if bad:
                 raise ValueError(f"unknown fields in '{name}': {sorted(bad)}")
-            kwargs[name] = section(**values)
+            kwargs[name] = section(**_numbers_read(name, section, values))
         return cls(**kwargs)
+
+
+def _numbers_read(name: str, section: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the text of a number turned into the number for a float field.
+
+    YAML 1.1 (PyYAML) reads ``2e-4`` as text: a float needs a dot there (``2.0e-4``). Users write the former.
+    """
+    floats = {f.name for f in dataclasses.fields(section) if str(f.type).replace(" ", "") in ("float", "float|None")}
+    read = dict(values)
+    for key in floats & set(values):
+        if isinstance(values[key], str):
+            try:
+                read[key] = float(values[key])
+            except ValueError:
+                raise ValueError(f"{name}.{key} must be a number, got {values[key]!r}") from None
+    return read
 
 
 EXTENDS_KEY = "extends"  # a config file's top-level key naming the file it builds on

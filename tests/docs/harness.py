@@ -2,9 +2,10 @@
 
 Every block runs as it is written, from the root of a workspace laid out as a clone is after ``make demo``: the
 repository's files, ``.venv``, the built-in synthetic data in ``data/synthetic`` and
-``data/processed/synthetic_unc_128``, and a tiny model in ``runs/vglaw-synthetic/model`` (seeded, untrained:
-the docs' commands need a model, not a good one). A block that cannot run here says so right above it, in the
-Markdown, with its reason:
+``data/processed/synthetic_unc_128``, a tiny model in ``runs/vglaw-synthetic/model`` registered in ``mlflow.db``
+as ``vglaw-synthetic@best`` (seeded, untrained: the docs' commands need a model, not a good one), and a REFER
+download of refcoco in ``data/refer`` and ``data/coco/train2014``. A block that cannot run here says so right
+above it, in the Markdown, with its reason:
 
     <!-- docs: check "needs an AWS account" -->  checked instead of run: each command's flags against its
                                                  ``--help`` (jobs: parsed by their own parser, training
@@ -76,6 +77,7 @@ def build_workspace(root: Path) -> Path:
     """A clone's root after a small ``make demo``: linked repository files, its own data, runs and MLflow store."""
     import vglaw
     from pipelines.data.parquet import read_split_table
+    from tests.pipelines.quirky_refer import build_quirky_refer
 
     root.mkdir(parents=True, exist_ok=True)
     for entry in REPO.iterdir():
@@ -99,6 +101,20 @@ def build_workspace(root: Path) -> Path:
     model = vglaw.create_model("tiny", vocab_size=tokenizer.vocab_size)
     vglaw.save_pretrained(model, tokenizer, root / "runs" / "vglaw-synthetic" / "model")
     shutil.copyfile(root / "data" / "synthetic" / "images" / "synthetic_000001.jpg", root / "photo.jpg")
+    # The demo registers its model as vglaw-synthetic, alias best (pipelines.tracking.registry, as training does).
+    register = (
+        "import mlflow; from mlflow import MlflowClient; from pipelines.tracking.registry import log_vglaw_model\n"
+        "mlflow.set_experiment('vglaw-synthetic')\n"
+        "with mlflow.start_run(run_name='vglaw-synthetic'):\n"
+        "    logged = log_vglaw_model('runs/vglaw-synthetic/model', registered_model_name='vglaw-synthetic')\n"
+        "MlflowClient().set_registered_model_alias('vglaw-synthetic', 'best', logged.version)\n"
+    )
+    _run([python, "-c", register], root, 300)
+    # A REFER download: refcoco's refs(unc).p and instances.json, and its images (with the quirks of real ones).
+    download = build_quirky_refer(root / "download")
+    (root / "data" / "coco").mkdir()
+    download.refer_root.rename(root / "data" / "refer")
+    download.image_root.rename(root / "data" / "coco" / "train2014")
     return root
 
 
@@ -160,6 +176,7 @@ def start_server(example: Example) -> None:
     command = source.strip()
     if command in servers and servers[command][0].poll() is None:
         return
+    stop_servers(servers)  # another command on the same port
     log = open(workspace / f"server-{len(servers)}.log", "w")  # noqa: SIM115 (closed by stop_servers)
     server = subprocess.Popen(
         ["bash", "-c", f"exec {command}"], cwd=workspace, env=docs_env(workspace), stdout=log,

@@ -294,3 +294,13 @@ def test_the_documented_override_example_loads_on_the_default_config() -> None:
     (example,) = set(re.findall(r"model\.overrides='(\{[^']*\})'", help_text))
     vision = load_config(None, [f"model.overrides={example}"]).model.vglaw_config().vision
     assert (vision.depth, vision.global_blocks) == (2, (1,))
+
+
+def test_numbers_written_as_people_write_them_are_numbers(tmp_path: Path) -> None:
+    # PyYAML reads "2e-4" as text (YAML 1.1 wants "2.0e-4"); a learning rate written so must still be 0.0002.
+    config = load_config(None, ["optim.lr_head=2e-4", "optim.lr_backbone=4E-5", "loss.focal=1e1"])
+    assert (config.optim.lr_head, config.optim.lr_backbone, config.loss.focal) == (2e-4, 4e-5, 10.0)
+    file = _write(tmp_path / "c.yaml", "optim:\n  weight_decay: 5e-2\n")
+    assert load_config(file).optim.weight_decay == 0.05
+    with pytest.raises(ValueError, match=r"optim\.lr_head must be a number, got 'fast'"):
+        load_config(None, ["optim.lr_head=fast"])
