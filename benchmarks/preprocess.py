@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "canvas": args.canvas,
         "num_cpus": args.num_cpus,
         "machine_cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
         "images_per_task": images_per_task,
         "python": platform.python_version(),
         "ray": ray.__version__,
@@ -221,12 +222,13 @@ def _append_docs(r: dict[str, Any]) -> None:
     section = f"""`{command} --write-docs`:
 {r["images"]} synthetic {r["source_size"]} JPEGs (the benchmark's default size) -> letterbox
 {r["canvas"]}, JPEG q95 canvas, polygon -> RLE masks (original and canvas), sharded Parquet
-({r["images_per_task"]} images per task). Machine: {r["machine_cpus"]} CPU cores, no GPU; Python {r["python"]},
-Ray {r["ray"]}, local Ray with `num_cpus={r["num_cpus"]}` started before timing (start-up {r["ray_init_s"]} s, not
-counted). 1-minute load average {r["load_avg_1min_before"]} before / {r["load_avg_1min_after"]} after. The three
-paths ran interleaved, {rounds} rounds; the Ray time is the whole job (REFER parsing, manifest, atomic
-commit included). "Plain processes" runs the job's chunks on a warm pool of {r["num_cpus"]} `multiprocessing`
-workers without Ray: what this machine gives to any {r["num_cpus"]} processes sharing it.
+({r["images_per_task"]} images per task). Run {r.get("date", "undated")}. Machine: {r["machine_cpus"]} CPU cores,
+no GPU; Python {r["python"]}, Ray {r["ray"]}, local Ray with `num_cpus={r["num_cpus"]}` started before
+timing (start-up {r["ray_init_s"]} s, not counted). 1-minute load average {r["load_avg_1min_before"]}
+before / {r["load_avg_1min_after"]} after. The three paths ran interleaved, {rounds} rounds; the Ray time
+is the whole job (REFER parsing, manifest, atomic commit included). "Plain processes" runs the job's
+chunks on a warm pool of {r["num_cpus"]} `multiprocessing` workers without Ray: what this machine gives
+to any {r["num_cpus"]} processes sharing it.
 
 | path | wall s (rounds) | best images/s | median images/s (rounds 2+) | CPU s: driver / workers / Ray |
 |---|---|---|---|---|

@@ -173,7 +173,7 @@ def start_server(example: Example) -> None:
     :func:`stop_servers`); wait until the endpoint is healthy."""
     source, _ = example.parsed
     workspace, servers = example.namespace["docs_workspace"], example.namespace["docs_servers"]
-    command = source.strip()
+    command = re.sub(r"^\.venv/bin/", "", source.strip())  # the same program: .venv/bin leads the PATH
     if command in servers and servers[command][0].poll() is None:
         return
     stop_servers(servers)  # another command on the same port
