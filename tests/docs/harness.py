@@ -173,16 +173,17 @@ def start_server(example: Example) -> None:
     :func:`stop_servers`); wait until the endpoint is healthy."""
     source, _ = example.parsed
     workspace, servers = example.namespace["docs_workspace"], example.namespace["docs_servers"]
-    command = re.sub(r"^\.venv/bin/", "", source.strip())  # the same program: .venv/bin leads the PATH
-    if command in servers and servers[command][0].poll() is None:
+    (argv,) = commands(source)
+    key = shlex.join([Path(argv[0]).name, *argv[1:]])  # .venv/bin/python is python: .venv/bin leads the PATH
+    if key in servers and servers[key][0].poll() is None:
         return
     stop_servers(servers)  # another command on the same port
     log = open(workspace / f"server-{len(servers)}.log", "w")  # noqa: SIM115 (closed by stop_servers)
     server = subprocess.Popen(
-        ["bash", "-c", f"exec {command}"], cwd=workspace, env=docs_env(workspace), stdout=log,
+        ["bash", "-c", f"exec {source.strip()}"], cwd=workspace, env=docs_env(workspace), stdout=log,
         stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    servers[command] = (server, log)
+    servers[key] = (server, log)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and server.poll() is None:
         with contextlib.suppress(requests.RequestException):
