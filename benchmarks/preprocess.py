@@ -222,7 +222,7 @@ def _append_docs(r: dict[str, Any]) -> None:
     section = f"""`{command} --write-docs`:
 {r["images"]} synthetic {r["source_size"]} JPEGs (the benchmark's default size) -> letterbox
 {r["canvas"]}, JPEG q95 canvas, polygon -> RLE masks (original and canvas), sharded Parquet
-({r["images_per_task"]} images per task). Run {r.get("date", "undated")}. Machine: {r["machine_cpus"]} CPU cores,
+({r["images_per_task"]} images per task). Run {r["date"]}. Machine: {r["machine_cpus"]} CPU cores,
 no GPU; Python {r["python"]}, Ray {r["ray"]}, local Ray with `num_cpus={r["num_cpus"]}` started before
 timing (start-up {r["ray_init_s"]} s, not counted). 1-minute load average {r["load_avg_1min_before"]}
 before / {r["load_avg_1min_after"]} after. The three paths ran interleaved, {rounds} rounds; the Ray time

@@ -31,16 +31,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
-import requests
 import yaml
 from sybil import Document, Example, Region
 from sybil.parsers.markdown.lexers import DirectiveInHTMLCommentLexer, FencedCodeBlockLexer
+
+from tests.pipelines.job_harness import run_job
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -66,11 +66,7 @@ def docs_env(workspace: Path) -> dict[str, str]:
 
 
 def _run(args: list[str], workspace: Path, timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        args, cwd=workspace, env=docs_env(workspace), capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, f"{shlex.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+    return run_job(args, docs_env(workspace), timeout, cwd=workspace)
 
 
 def build_workspace(root: Path) -> Path:
@@ -118,17 +114,6 @@ def build_workspace(root: Path) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def inside(workspace: Path) -> Iterator[None]:
-    """The current directory set to ``workspace`` while a Python block runs, as a user's shell would have it."""
-    before = Path.cwd()
-    os.chdir(workspace)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 # ---- Sybil: the parser and the evaluators --------------------------------------------------------------------
 
 
@@ -158,7 +143,7 @@ class DocBlockParser:
 def evaluate_python(example: Example) -> None:
     workspace = example.namespace["docs_workspace"]
     code = compile("\n" * example.line + example.parsed, str(example.path), "exec")
-    with inside(workspace):
+    with contextlib.chdir(workspace):  # as a user's shell would have it
         exec(code, example.namespace)
 
 
@@ -184,12 +169,10 @@ def start_server(example: Example) -> None:
         stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     servers[key] = (server, log)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and server.poll() is None:
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{ENDPOINT}/healthz", timeout=5).status_code == 200:
-                return
-        time.sleep(1)
+    from tests.pipelines.serve_harness import wait_until_healthy  # torch and vglaw: only once a page serves
+
+    if wait_until_healthy(ENDPOINT, server, timeout=300):
+        return
     log.flush()
     raise AssertionError(f"the server did not become healthy:\n{Path(log.name).read_text()[-4000:]}")
 
@@ -302,7 +285,8 @@ def _parser_exit(status: int = 0, message: str | None = None) -> None:
 
 def _check_cli(argv: list[str], workspace: Path) -> None:
     """``ray`` / ``serve`` / ``mlflow``: flags against the subcommand's ``--help``, and what it deploys validated."""
-    words, _, entrypoint = _split_entrypoint(argv)
+    at = argv.index("--") if "--" in argv else len(argv)  # ray job submit ... -- <entrypoint>
+    words, entrypoint = argv[:at], argv[at + 1 :]
     depth = 3 if words[:2] == ["ray", "job"] else 2
     _check_flags(words, words[:depth], workspace)
     positional = [w for w in words[depth:] if not w.startswith("-")]
@@ -324,13 +308,6 @@ def _check_cli(argv: list[str], workspace: Path) -> None:
         validate_config(prepare_config(yaml.safe_load((workspace / positional[0]).read_text())))
     if entrypoint:
         check_command(entrypoint, workspace)
-
-
-def _split_entrypoint(argv: list[str]) -> tuple[list[str], str, list[str]]:
-    if "--" in argv:
-        at = argv.index("--")
-        return argv[:at], "--", argv[at + 1 :]
-    return argv, "", []
 
 
 def _check_flags(argv: list[str], program: list[str], workspace: Path) -> None:

@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
-def run_job(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a command from the repository root; fails the test with its output if it fails."""
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def run_job(args: list[str], env: dict[str, str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command from ``cwd`` (the repository root); fails the test with its output if it fails."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 
