@@ -37,6 +37,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lr_backbone": 4e-5,
         "lr_head": 4e-4,
         "weight_decay": 1e-4,
+        "schedule": "step",
         "decay_epochs": (10, 60),
         "decay_factor": 0.1,
         "warmup_steps": 0,
@@ -86,6 +87,7 @@ PAPER_RECIPE: dict[str, Any] = {
     "optim.lr_backbone": 4e-5,
     "optim.lr_head": 4e-4,
     "optim.weight_decay": 1e-4,
+    "optim.schedule": "step",
     "optim.decay_epochs": (10, 60),
     "optim.decay_factor": 0.1,
     "optim.warmup_steps": 500,
@@ -187,6 +189,24 @@ def test_the_paper_configs_extend_one_recipe_and_every_config_is_pinned() -> Non
     assert shipped == {*SHIPPED, "paper"}, "pin a new config in SHIPPED"
     for dataset in ("refcoco", "refcoco+", "refcocog", "referit"):
         assert yaml.safe_load((CONFIGS / f"{dataset}.yaml").read_text())["extends"] == "paper.yaml"
+
+
+# The paper's objective (Sec. 3.4: L1 and GIoU for the box, focal and dice for the mask, weighted 1, 1, 4, 4;
+# focal alpha 0.25, gamma 2) and nothing else: every term it does not have is written here at 0.
+PAPER_LOSS = {"l1": 1.0, "giou": 1.0, "focal": 4.0, "dice": 4.0, "focal_alpha": 0.25, "focal_gamma": 2.0}
+NOT_THE_PAPERS = {"attention": 0.0, "category": 0.0}
+
+
+@pytest.mark.parametrize("dataset", ["refcoco", "refcoco+", "refcocog", "referit"])
+def test_paper_configs_keep_the_papers_objective(dataset: str) -> None:
+    """The aids of the from-scratch synthetic runs stay off where the paper's recipe is trained."""
+    config = load_config(CONFIGS / f"{dataset}.yaml")
+    loss = config.to_dict()["loss"]
+    assert set(loss) == set(PAPER_LOSS) | set(NOT_THE_PAPERS), "a new loss term: say here whether it is the paper's"
+    assert loss == PAPER_LOSS | NOT_THE_PAPERS
+    assert "categories" not in config.model.overrides  # the aid's classifier is not even built
+    assert config.model.vglaw_config().head.categories == 0
+    assert (config.optim.schedule, config.optim.decay_epochs) == ("step", (10, 60))
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
