@@ -27,8 +27,17 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipelines.data.synthetic.language import Query, expressions_for, render_text
-from pipelines.data.synthetic.scene import SHAPES, SceneObject, render_scene, sample_scene
+from pipelines.data.synthetic.language import DEFAULT_FAMILIES, FAMILIES, Query, expressions_for, render_text
+from pipelines.data.synthetic.scene import (
+    COLOURS,
+    DEFAULT_PALETTE,
+    DEFAULT_SHAPES,
+    SHAPES,
+    SIZES,
+    SceneObject,
+    render_scene,
+    sample_scene,
+)
 
 __all__ = ["SPLITS", "SyntheticConfig", "generate_synthetic", "scene_from_annotations"]
 
@@ -51,6 +60,14 @@ class SyntheticConfig:
         share_prob: Chance that a shape copies the colour or shape of an earlier one (makes language needed).
         split_fractions: Fractions of images in train / val / testA / testB.
         jpeg_quality: JPEG quality of the images.
+        shapes: The shapes drawn (names of ``scene.SHAPES``); category ids are 1.. in this order.
+        palette: The colours drawn (names of ``scene.COLOURS``).
+        small_radius: Circumradius range of the "small" class, as fractions of the shorter image side.
+        big_radius: Circumradius range of the "big" class; it must lie wholly above the small one.
+        size_classes: Draw every object as small or big; if false, draw radii from the whole span of the two
+            ranges and never use the words small and big (comparatives still can).
+        expression_families: The kinds of expression generated (names of ``language.FAMILIES``; kept in that
+            constant's order).
     """
 
     num_images: int = 300
@@ -64,6 +81,12 @@ class SyntheticConfig:
     share_prob: float = 0.7
     split_fractions: tuple[float, float, float, float] = (0.7, 0.1, 0.1, 0.1)
     jpeg_quality: int = 90
+    shapes: tuple[str, ...] = DEFAULT_SHAPES
+    palette: tuple[str, ...] = DEFAULT_PALETTE
+    small_radius: tuple[float, float] = SIZES["small"]
+    big_radius: tuple[float, float] = SIZES["big"]
+    size_classes: bool = True
+    expression_families: tuple[str, ...] = DEFAULT_FAMILIES
 
     def __post_init__(self) -> None:
         if self.num_images < 1:
@@ -83,6 +106,46 @@ class SyntheticConfig:
             raise ValueError(f"split_fractions must sum to 1, got {sum(self.split_fractions)}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
+        self.shapes = _names("shapes", self.shapes, SHAPES)
+        self.palette = _names("palette", self.palette, tuple(COLOURS))
+        families = _names("expression_families", self.expression_families, FAMILIES)
+        self.expression_families = tuple(f for f in FAMILIES if f in families)  # the order carries no meaning
+        self.small_radius = _radius_range("small_radius", self.small_radius)
+        self.big_radius = _radius_range("big_radius", self.big_radius)
+        if self.small_radius[1] >= self.big_radius[0]:
+            raise ValueError(
+                f"size classes overlap: small_radius {self.small_radius} must end below big_radius {self.big_radius}"
+            )
+        if self.big_radius[1] > 0.25:
+            raise ValueError(f"big_radius must stay within 0.25 of the shorter side to fit, got {self.big_radius}")
+        if self.small_radius[0] * min(self.image_width, self.image_height) < 4:
+            raise ValueError(f"small_radius {self.small_radius} gives shapes under 4 px in radius at this image size")
+
+    @property
+    def sizes(self) -> dict[str, tuple[float, float]]:
+        """The size classes as the scene sampler takes them."""
+        return {"small": self.small_radius, "big": self.big_radius}
+
+
+def _names(field_name: str, value: tuple[str, ...] | str, known: tuple[str, ...]) -> tuple[str, ...]:
+    """``value`` as a tuple of distinct names from ``known`` (at least one)."""
+    names = (value,) if isinstance(value, str) else tuple(value)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{field_name}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{field_name} must name at least one and none twice, got {names}")
+    return names
+
+
+def _radius_range(field_name: str, value: tuple[float, float]) -> tuple[float, float]:
+    """``value`` as a (low, high) pair of floats with 0 < low <= high."""
+    pair = [float(v) for v in value]
+    if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+        raise ValueError(
+            f"{field_name} must be (low, high) fractions of the shorter side with 0 < low <= high, got {value}"
+        )
+    return pair[0], pair[1]
 
 
 @dataclass
@@ -112,7 +175,18 @@ def _choose_sentences(found: dict[str, list[Query]], rng: np.random.Generator, c
 def _make_image(index: int, config: SyntheticConfig) -> _ImageRefs:
     rng = np.random.default_rng([config.seed, index])
     w, h = config.image_width, config.image_height
-    objects = sample_scene(rng, w, h, config.min_objects, config.max_objects, config.share_prob)
+    objects = sample_scene(
+        rng,
+        w,
+        h,
+        config.min_objects,
+        config.max_objects,
+        config.share_prob,
+        shapes=config.shapes,
+        palette=config.palette,
+        sizes=config.sizes,
+        size_classes=config.size_classes,
+    )
     image = render_scene(rng, objects, w, h)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=config.jpeg_quality)
@@ -120,7 +194,8 @@ def _make_image(index: int, config: SyntheticConfig) -> _ImageRefs:
     for obj_index in rng.permutation(len(objects)):
         if len(out.refs) == config.refs_per_image:
             break
-        sentences = _choose_sentences(expressions_for(int(obj_index), objects), rng, config.sentences_per_ref)
+        found = expressions_for(int(obj_index), objects, config.expression_families)
+        sentences = _choose_sentences(found, rng, config.sentences_per_ref)
         if sentences:
             out.refs.append((int(obj_index), sentences))
     return out
@@ -144,7 +219,7 @@ def _assign_splits(config: SyntheticConfig) -> list[str]:
     return splits
 
 
-def _annotation(ann_id: int, image_id: int, obj: SceneObject, w: int, h: int) -> dict[str, Any]:
+def _annotation(ann_id: int, category_id: int, image_id: int, obj: SceneObject, w: int, h: int) -> dict[str, Any]:
     poly = [round(float(v), 2) for xy in obj.polygon() for v in xy]
     xs, ys = poly[0::2], poly[1::2]
     x0, y0 = max(0.0, min(xs)), max(0.0, min(ys))
@@ -153,7 +228,7 @@ def _annotation(ann_id: int, image_id: int, obj: SceneObject, w: int, h: int) ->
     return {
         "id": ann_id,
         "image_id": image_id,
-        "category_id": SHAPES.index(obj.shape) + 1,
+        "category_id": category_id,
         "segmentation": [poly],
         "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
         "area": area,
@@ -177,7 +252,8 @@ def generate_synthetic(out: str | Path, config: SyntheticConfig, overwrite: bool
         overwrite: Replace an existing dataset in ``out`` instead of refusing.
 
     Returns:
-        Counts per split, expression kinds, and the chance level of a language-blind guess.
+        Counts per split and per expression kind (every kind of ``language.FAMILIES``, 0 where none was made),
+        images without any referred object, and the chance level of a language-blind guess.
 
     Raises:
         FileExistsError: If ``out`` already holds a dataset and ``overwrite`` is false.
@@ -191,7 +267,8 @@ def generate_synthetic(out: str | Path, config: SyntheticConfig, overwrite: bool
         d.mkdir(parents=True)
     splits = _assign_splits(config)
     images, annotations, refs = [], [], []
-    stats: Counter[str] = Counter()
+    stats: Counter[str] = Counter({f"kind/{kind}": 0 for kind in FAMILIES})
+    category = {shape: i + 1 for i, shape in enumerate(config.shapes)}
     inverse_counts: list[float] = []
     shared = largest_hits = 0
     next_ann = next_ref = next_sent = 1
@@ -204,8 +281,9 @@ def generate_synthetic(out: str | Path, config: SyntheticConfig, overwrite: bool
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
         ann_ids = list(range(next_ann, next_ann + len(made.objects)))
         next_ann += len(made.objects)
-        annotations += [_annotation(a, image_id, o, w, h) for a, o in zip(ann_ids, made.objects)]
+        annotations += [_annotation(a, category[o.shape], image_id, o, w, h) for a, o in zip(ann_ids, made.objects)]
         stats[f"images/{splits[index]}"] += 1
+        stats["images_without_refs"] += int(not made.refs)
         for obj_index, sentences in made.refs:
             target = made.objects[obj_index]
             others = [o for j, o in enumerate(made.objects) if j != obj_index]
@@ -223,7 +301,7 @@ def generate_synthetic(out: str | Path, config: SyntheticConfig, overwrite: bool
                     "ref_id": next_ref,
                     "ann_id": ann_ids[obj_index],
                     "image_id": image_id,
-                    "category_id": SHAPES.index(target.shape) + 1,
+                    "category_id": category[target.shape],
                     "split": splits[index],
                     "sent_ids": [s["sent_id"] for s in sentence_dicts],
                     # REFER's quirk, kept on purpose: the ref's file_name is not the image file.
@@ -233,7 +311,7 @@ def generate_synthetic(out: str | Path, config: SyntheticConfig, overwrite: bool
             )
             next_ref += 1
             stats[f"refs/{splits[index]}"] += 1
-    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+    categories = [{"id": i, "name": s, "supercategory": "shape"} for s, i in category.items()]
     instances = {"images": images, "annotations": annotations, "categories": categories}
     with open(ann_dir / "instances.json", "w", encoding="utf-8") as f:
         json.dump(instances, f, separators=(",", ":"))

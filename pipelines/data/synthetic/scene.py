@@ -4,6 +4,9 @@ A scene is a handful of non-overlapping :class:`SceneObject` s. Their attributes
 often share a colour or a shape with another object (``share_prob``), which is what makes the expression
 necessary to find the referent. Every shape is a polygon; the same polygon is drawn into the image and
 written as the COCO segmentation, so masks are exact.
+
+:data:`SHAPES` and :data:`COLOURS` are everything that can be drawn; a dataset uses a subset of each
+(by default :data:`DEFAULT_SHAPES` and :data:`DEFAULT_PALETTE`, the original five of each).
 """
 
 from __future__ import annotations
@@ -14,19 +17,44 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["COLOURS", "SHAPES", "SIZES", "SceneObject", "render_scene", "sample_scene"]
+__all__ = [
+    "COLOURS",
+    "DEFAULT_PALETTE",
+    "DEFAULT_SHAPES",
+    "SHAPES",
+    "SIZES",
+    "SceneObject",
+    "render_scene",
+    "sample_scene",
+]
 
-# Saturated, well-separated hues; backgrounds are low-saturation so shapes never blend in.
+# Saturated, well-separated hues; backgrounds are low-saturation so shapes never blend in. Every pair lies at
+# least 80 apart in RGB (the per-object jitter moves a colour by at most 18 per channel), and every colour's
+# chroma (largest minus smallest channel) is at least 100 where a background's tint is at most 36; the tests
+# check both. White, black and grey are left out on purpose: a light or dark background would swallow them.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (35, 165, 55),
     "blue": (40, 75, 215),
     "yellow": (235, 205, 30),
     "purple": (145, 50, 185),
+    "orange": (245, 125, 15),
+    "cyan": (30, 195, 210),
+    "pink": (240, 90, 185),
+    "brown": (140, 80, 30),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star")
-# Circumradius range as a fraction of the image's shorter side. The gap between the classes keeps
-# "small" and "big" unambiguous; the small class is still ~15 px across after letterboxing to 128.
+DEFAULT_PALETTE: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "pentagon", "hexagon", "cross")
+DEFAULT_SHAPES: tuple[str, ...] = SHAPES[:5]
+# The cross's twelve corners, arms 2 * 0.3 wide for an arm length of 1 (measured from the centre).
+_ARM = 0.3
+_CROSS_OUTLINE: tuple[tuple[float, float], ...] = (
+    (1, -_ARM), (1, _ARM), (_ARM, _ARM), (_ARM, 1), (-_ARM, 1), (-_ARM, _ARM),
+    (-1, _ARM), (-1, -_ARM), (-_ARM, -_ARM), (-_ARM, -1), (_ARM, -1), (_ARM, -_ARM),
+)  # fmt: skip
+# The default circumradius range of each size class, as a fraction of the image's shorter side. The gap
+# between the classes keeps "small" and "big" unambiguous; the small class is still ~15 px across after
+# letterboxing to 128.
 SIZES: dict[str, tuple[float, float]] = {"small": (0.075, 0.095), "big": (0.14, 0.17)}
 
 
@@ -37,7 +65,7 @@ class SceneObject:
     Attributes:
         shape: One of :data:`SHAPES`.
         colour: One of :data:`COLOURS`.
-        size: One of :data:`SIZES`.
+        size: A size class (``small`` / ``big``), or None where the radius is drawn without classes.
         cx: Centre x in pixels.
         cy: Centre y in pixels.
         radius: Circumradius in pixels.
@@ -46,7 +74,7 @@ class SceneObject:
 
     shape: str
     colour: str
-    size: str
+    size: str | None
     cx: float
     cy: float
     radius: float
@@ -69,18 +97,43 @@ class SceneObject:
         elif self.shape == "star":
             angles = [self.angle - math.pi / 2 + k * math.pi / 5 for k in range(10)]
             radii = [self.radius if k % 2 == 0 else 0.45 * self.radius for k in range(10)]
+        elif self.shape == "pentagon":
+            angles = [self.angle - math.pi / 2 + k * 2 * math.pi / 5 for k in range(5)]
+            radii = [self.radius] * 5
+        elif self.shape == "hexagon":
+            angles = [self.angle + k * math.pi / 3 for k in range(6)]
+            radii = [self.radius] * 6
+        elif self.shape == "cross":
+            corner = math.hypot(1.0, _ARM)  # the outer corners lie on the circumcircle
+            angles = [self.angle + math.atan2(y, x) for x, y in _CROSS_OUTLINE]
+            radii = [self.radius * math.hypot(x, y) / corner for x, y in _CROSS_OUTLINE]
         else:
             raise ValueError(f"unknown shape {self.shape!r}")
         return [(self.cx + r * math.cos(a), self.cy + r * math.sin(a)) for a, r in zip(angles, radii)]
 
+    def area(self) -> float:
+        """Area of :meth:`polygon` in square pixels (the shoelace formula)."""
+        pts = self.polygon()
+        return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1])))
 
-def _sample_attributes(rng: np.random.Generator, count: int, share_prob: float) -> list[tuple[str, str, str]]:
-    """Draws (shape, colour, size) triples; with ``share_prob`` one copies a shape or colour seen before."""
-    out: list[tuple[str, str, str]] = []
+
+def _sample_attributes(
+    rng: np.random.Generator,
+    count: int,
+    share_prob: float,
+    shapes: tuple[str, ...],
+    palette: tuple[str, ...],
+    size_names: tuple[str, ...],
+) -> list[tuple[str, str, str | None]]:
+    """Draws (shape, colour, size) triples; with ``share_prob`` one copies a shape or colour seen before.
+
+    With no ``size_names`` the size is None and no size is drawn.
+    """
+    out: list[tuple[str, str, str | None]] = []
     for _ in range(count):
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        size = list(SIZES)[rng.integers(len(SIZES))]
+        shape = shapes[rng.integers(len(shapes))]
+        colour = palette[rng.integers(len(palette))]
+        size = size_names[rng.integers(len(size_names))] if size_names else None
         if out and rng.random() < share_prob:
             source = out[rng.integers(len(out))]
             if rng.random() < 0.5:
@@ -98,6 +151,11 @@ def sample_scene(
     min_objects: int,
     max_objects: int,
     share_prob: float,
+    *,
+    shapes: tuple[str, ...] = DEFAULT_SHAPES,
+    palette: tuple[str, ...] = DEFAULT_PALETTE,
+    sizes: dict[str, tuple[float, float]] = SIZES,
+    size_classes: bool = True,
 ) -> list[SceneObject]:
     """Samples non-overlapping objects; retries the layout until ``min_objects`` fit.
 
@@ -108,24 +166,32 @@ def sample_scene(
         min_objects: Fewest objects in a scene.
         max_objects: Most objects in a scene.
         share_prob: Chance that an object copies the shape or colour of an earlier one.
+        shapes: The shapes to draw from (names of :data:`SHAPES`).
+        palette: The colours to draw from (names of :data:`COLOURS`).
+        sizes: Circumradius range of each size class, as fractions of the shorter image side.
+        size_classes: Draw a size class, then a radius within it; if false, draw the radius from the whole
+            span of ``sizes`` (smallest to largest) and leave the objects' ``size`` None.
 
     Returns:
         The objects, in drawing order.
     """
     short = min(width, height)
     gap = 0.04 * short
+    span = (min(lo for lo, _ in sizes.values()), max(hi for _, hi in sizes.values()))
+    size_names = tuple(sizes) if size_classes else ()
     for _ in range(100):
         count = int(rng.integers(min_objects, max_objects + 1))
         objects: list[SceneObject] = []
-        for shape, colour, size in _sample_attributes(rng, count, share_prob):
-            lo, hi = SIZES[size]
+        for shape, colour, size in _sample_attributes(rng, count, share_prob, shapes, palette, size_names):
+            lo, hi = span if size is None else sizes[size]
             radius = float(rng.uniform(lo, hi)) * short
             for _ in range(60):
                 cx = float(rng.uniform(radius + 2, width - radius - 2))
                 cy = float(rng.uniform(radius + 2, height - radius - 2))
                 if all(math.hypot(cx - o.cx, cy - o.cy) >= radius + o.radius + gap for o in objects):
-                    # NOTE: squares and diamonds stay within 6 degrees of upright so they never look alike.
-                    tilt = 0.1 if shape in ("square", "diamond") else 0.25
+                    # NOTE: squares and diamonds stay within 6 degrees of upright so they never look alike, and
+                    # crosses likewise so that they never turn into an "x".
+                    tilt = 0.1 if shape in ("square", "diamond", "cross") else 0.25
                     angle = float(rng.uniform(-tilt, tilt))
                     objects.append(SceneObject(shape, colour, size, cx, cy, radius, angle))
                     break
