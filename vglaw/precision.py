@@ -16,17 +16,30 @@ Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
+# A setting, not a precision: bf16 where the hardware computes in bf16 (CUDA, or a CPU with bf16 instructions),
+# fp32 elsewhere, where bf16 autocast would be emulated and several times slower than fp32.
+AUTO = "auto"
+
+
 def check_precision(precision: str | None, setting: str = "precision") -> None:
-    """Raise ValueError unless ``precision`` is one of :data:`PRECISIONS` or None (the device's default)."""
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"{setting} must be one of {list(PRECISIONS)} or null, got {precision!r}")
+    """Raise ValueError unless ``precision`` is one of :data:`PRECISIONS`, :data:`AUTO` or None (the device's
+    default)."""
+    if precision is not None and precision not in (*PRECISIONS, AUTO):
+        raise ValueError(f"{setting} must be one of {list(PRECISIONS)}, {AUTO!r} or null, got {precision!r}")
 
 
 def resolve_precision(precision: str | None, device: torch.device | str) -> Precision:
-    """``precision`` checked, or the device's default when None: bf16 on CUDA, fp32 elsewhere."""
+    """``precision`` checked, or the device's default when None: bf16 on CUDA, fp32 elsewhere.
+
+    :data:`AUTO` is bf16 on CUDA and on a CPU with bf16 instructions (:func:`cpu_bf16_instructions`), fp32 on
+    any other CPU.
+    """
     check_precision(precision)
+    on_cuda = torch.device(device).type == "cuda"
     if precision is None:
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+        return "bf16" if on_cuda else "fp32"
+    if precision == AUTO:
+        return "bf16" if on_cuda or cpu_bf16_instructions() else "fp32"
     return precision  # type: ignore[return-value]
 
 

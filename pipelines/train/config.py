@@ -100,7 +100,7 @@ class OptimSection:
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"optim.schedule must be 'step' or 'cosine', got {self.schedule!r}")
         if self.schedule == "cosine" and self.decay_epochs:
-            raise ValueError("optim.decay_epochs belong to the step schedule: set them to [] with optim.schedule=cosine")
+            raise ValueError("optim.decay_epochs belong to the step schedule: set them to [] for the cosine one")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+import vglaw.precision as precision_module
 from vglaw import VGLAW, ExpressionTokenizer, Predictor, create_model, save_pretrained
 from vglaw.adaptive import LanguageAdaptiveWeights, linear_with_update, materialised_qkv
 from vglaw.losses import GroundingLoss
@@ -146,6 +147,16 @@ def test_resolve_precision_defaults_and_checks() -> None:
     for bad in ("fp16", "bfloat16", "BF16", ""):
         with pytest.raises(ValueError, match="precision must be one of"):
             resolve_precision(bad, "cpu")
+
+
+@pytest.mark.parametrize(("flags", "on_cpu"), [((), "fp32"), (("avx512_bf16",), "bf16"), (("amx_bf16",), "bf16")])
+def test_auto_is_bf16_where_the_hardware_computes_in_bf16(
+    flags: tuple[str, ...], on_cpu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: flags)
+    assert resolve_precision("auto", "cpu") == on_cpu
+    assert resolve_precision("auto", "cuda") == "bf16"  # whatever the CPU has
+    assert resolve_precision(None, "cpu") == "fp32"  # the default stays fp32 on every CPU
 
 
 def test_cpu_bf16_instructions_are_read_from_the_flags_line(tmp_path) -> None:
