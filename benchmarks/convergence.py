@@ -133,18 +133,24 @@ def _train(name: str, data: Path, work: Path, args: argparse.Namespace, epochs: 
     )  # fmt: skip
 
 
-def read_curve(name: str) -> Curve:
-    """The latest run called ``name`` in the convergence experiment, from MLflow (``name`` ends the run's
-    name, which starts with the date and time of the benchmark)."""
+def read_curve(name: str, experiment_name: str = EXPERIMENT) -> Curve:
+    """The latest run called ``name`` in the experiment, from MLflow (``name`` ends the run's name, which starts
+    with the date and time of the benchmark)."""
     from pipelines.tracking.runs import client
 
     mlflow = client()
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    runs = mlflow.search_runs(
-        [experiment.experiment_id], filter_string=f"attributes.run_name LIKE '%-{name}'", order_by=["start_time DESC"]
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    runs = (
+        mlflow.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"attributes.run_name LIKE '%-{name}'",
+            order_by=["start_time DESC"],
+        )
+        if experiment is not None
+        else []
     )
     if not runs:
-        raise SystemExit(f"no MLflow run named {name} in {EXPERIMENT}")
+        raise SystemExit(f"no MLflow run named {name} in {experiment_name}")
     run = runs[0]
     prec = sorted(mlflow.get_metric_history(run.info.run_id, "val/prec_at_0.5"), key=lambda m: m.step)
     miou = {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, "val/miou")}

@@ -8,8 +8,8 @@
 2. preprocess it with Ray Data into ``data/processed/synthetic_unc_128``;
 3. train the demo model with Ray Train (2 workers, ``configs/synthetic.yaml``), tracked and registered in MLflow;
 4. evaluate it on val / testA / testB (Ray Data batch inference) into ``runs/vglaw-synthetic/evaluation.json``;
-5. start the Serve application on the registered model, ground a held-out testB expression over HTTP, print
-   the answer and draw it into ``runs/vglaw-synthetic/demo_query.png``;
+5. start the Serve application on the registered model, ground 8 held-out testB expressions (drawn by a fixed
+   seed) over HTTP, print each hit or miss and draw them into ``runs/vglaw-synthetic/demo_queries.png``;
 6. print a summary, then stop the server (``--keep-serving`` leaves it running until Ctrl-C).
 
 Every stage is the project's own job, run as a subprocess with its output shown. A second run reuses the
@@ -41,6 +41,9 @@ MODEL_URI = "models:/vglaw-synthetic@best"
 # The demo's dataset: 2000 images of 2-3 shapes (70 % train); see docs/data.md for the grammar and chance level.
 SYNTH = {"num_images": 2000, "seed": 0, "min_objects": 2, "max_objects": 3}
 IMAGE_SIZE = 128
+# The held-out queries sent to the server: drawn from testB by a fixed seed, not chosen by how they come out.
+SAMPLE, SAMPLE_SEED = 8, 0
+HIT_IOU = 0.5  # a hit as Prec@0.5 counts one
 
 
 @dataclass
@@ -100,15 +103,23 @@ def _parquet_matches() -> bool:
     return written.get("image_size") == IMAGE_SIZE and source.stat().st_mtime < manifest.stat().st_mtime
 
 
-def _held_out_query() -> dict[str, Any]:
-    """The first testB expression with its original image and true box (xyxy)."""
+def _held_out_sample(count: int = SAMPLE, seed: int = SAMPLE_SEED) -> list[dict[str, Any]]:
+    """``count`` testB expressions drawn by ``seed`` (in table order), each with its image and true box (xyxy).
+
+    The draw depends on the seed and the split's size only, never on how the model does on them.
+    """
+    import numpy as np
+
     from pipelines.data.parquet import read_split_table
 
-    row = read_split_table(REPO / DATA, "testB", columns=["expression", "file_name", "box_xywh"]).slice(0, 1)
-    row = row.to_pylist()[0]
-    x, y, w, h = row["box_xywh"]
-    image = REPO / RAW / "images" / row["file_name"]
-    return {"expression": row["expression"], "image": image, "box": [x, y, x + w, y + h]}
+    table = read_split_table(REPO / DATA, "testB", columns=["expression", "file_name", "box_xywh"])
+    rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=min(count, table.num_rows), replace=False))
+    sample = []
+    for row in table.take(rows).to_pylist():
+        x, y, w, h = row["box_xywh"]
+        image = REPO / RAW / "images" / row["file_name"]
+        sample.append({"expression": row["expression"], "image": image, "box": [x, y, x + w, y + h]})
+    return sample
 
 
 def _wait_healthy(client: GroundingClient, server: subprocess.Popen, timeout: float = 240.0) -> None:
@@ -125,22 +136,26 @@ def _wait_healthy(client: GroundingClient, server: subprocess.Popen, timeout: fl
     raise SystemExit(f"demo: {client.url}/healthz did not answer within {timeout:.0f} s")
 
 
-def _draw(query: dict[str, Any], answer: GroundingResult, path: Path) -> Path:
+def _caption(query: dict[str, Any], iou: float) -> str:
+    return f'{"hit" if iou >= HIT_IOU else "miss"} (IoU {iou:.2f}): "{query["expression"]}"'
+
+
+def _draw(queries: list[dict[str, Any]], answers: list[GroundingResult], ious: list[float], path: Path) -> Path:
+    """The queries in one grid: the answer's box and mask in red, the true box in green, hit or miss below."""
     import numpy as np
     from PIL import Image
 
     from pipelines.evaluate.report import overlay_grid
     from vglaw.images import to_rgb8
 
-    image = to_rgb8(Image.open(query["image"]))
     grid = overlay_grid(
-        [np.asarray(image)],
-        pred_boxes=[list(answer.box)],
-        true_boxes=[query["box"]],
-        pred_masks=[answer.mask],
-        captions=[f'"{query["expression"]}"'],  # red: the answer, green: the truth
-        columns=1,
-        tile_size=512,
+        [np.asarray(to_rgb8(Image.open(query["image"]))) for query in queries],
+        pred_boxes=[list(answer.box) for answer in answers],
+        true_boxes=[query["box"] for query in queries],
+        pred_masks=[answer.mask for answer in answers],
+        captions=[_caption(query, iou) for query, iou in zip(queries, ious)],
+        columns=min(4, len(queries)),
+        tile_size=320,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -187,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
          "--splits", "val,testA,testB", "--out", str(report_path)],
     )  # fmt: skip
 
-    demo.banner("Ray Serve: a held-out query over HTTP")
+    demo.banner(f"Ray Serve: {SAMPLE} held-out queries over HTTP")
     serve_started = time.perf_counter()
     url = f"http://127.0.0.1:{args.port}"
     server = subprocess.Popen(
@@ -196,17 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     client = GroundingClient(url)
     try:
         _wait_healthy(client, server)
-        query = _held_out_query()
-        answer = client.ground(query["image"], query["expression"])
-        overlay = _draw(query, answer, REPO / RUN / "demo_query.png")
-        iou = _box_iou(list(answer.box), query["box"])
-        shown = {k: answer.raw[k] for k in ("expression", "box", "mask_area", "truncated", "model", "timings")}
-        print(json.dumps(shown, indent=2))
-        print(f"box IoU with the truth: {iou:.3f}; overlay: {overlay.relative_to(REPO)}", flush=True)
-        demo.stages.append(Stage("Ray Serve query", time.perf_counter() - serve_started))
+        queries = _held_out_sample()
+        answers = [client.ground(query["image"], query["expression"]) for query in queries]
+        shown = {k: answers[0].raw[k] for k in ("expression", "box", "mask_area", "truncated", "model", "timings")}
+        print(f"the first answer of {len(answers)}:\n{json.dumps(shown, indent=2)}")
+        ious = [_box_iou(list(answer.box), query["box"]) for query, answer in zip(queries, answers)]
+        for query, iou in zip(queries, ious):
+            print(f"  {_caption(query, iou)}")
+        overlay = _draw(queries, answers, ious, REPO / RUN / "demo_queries.png")
+        hits = sum(iou >= HIT_IOU for iou in ious)
+        note = f"{hits}/{len(ious)} hit"
+        demo.stages.append(Stage(f"Ray Serve: {len(queries)} queries", time.perf_counter() - serve_started, note))
 
         report = json.loads((REPO / report_path).read_text())
         _summary(demo, report, time.perf_counter() - started, url, overlay, args.keep_serving)
+        print(f"\nHeld-out sample (testB, seed {SAMPLE_SEED}): {hits} of {len(ious)} hit (box IoU >= {HIT_IOU}).")
         if args.keep_serving:
             server.wait()
     except KeyboardInterrupt:

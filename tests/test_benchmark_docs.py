@@ -9,7 +9,7 @@ import pytest
 from benchmarks.docs_section import DOCS, markers, write_generated
 
 
-@pytest.mark.parametrize("script", ["preprocess", "convergence"])
+@pytest.mark.parametrize("script", ["preprocess", "convergence", "variants"])
 def test_each_writing_script_has_one_block_in_the_doc(script: str) -> None:
     text = DOCS.read_text(encoding="utf-8")
     begin, end = markers(script)

@@ -111,7 +111,8 @@ class RunSection:
     experiment: str = "vglaw"
     num_workers: int = 2
     use_gpu: bool = False
-    precision: str | None = None  # fp32 / bf16 (autocast); None: bf16 on GPU workers, fp32 on CPU ones
+    # fp32 / bf16 (autocast) / auto (bf16 where the hardware computes in bf16); None: bf16 on GPU workers, fp32 on CPU
+    precision: str | None = None
     cpus_per_worker: float = 1.0
     # Further Ray resources each training worker needs, e.g. {"accelerator_type:A100": 0.001} or a custom
     # resource that only the training nodes advertise; they decide where the workers can land.

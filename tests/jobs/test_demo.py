@@ -50,14 +50,54 @@ def test_overlay_draws_the_answer(tmp_path: Path) -> None:
     }
     answer = GroundingResult.from_response(body)  # as the client returns a real response
     query = {"image": image, "expression": "the grey square", "box": [18, 8, 52, 32]}
-    out = demo._draw(query, answer, tmp_path / "out" / "query.png")
+    out = demo._draw([query, query], [answer, answer], [0.8, 0.1], tmp_path / "out" / "queries.png")
     drawn = np.asarray(Image.open(out).convert("RGB"), dtype=int)
-    assert drawn.shape[1] == 512
+    assert drawn.shape[1] == 2 * 320  # two tiles side by side
     # The predicted mask is tinted red: the middle of the masked area is redder than the background.
-    scale, top = 512 / 80, (512 - 384) // 2  # the 80 x 60 image fills the 512 tile's width, centred vertically
-    inside = drawn[top + int(20 * scale), int(35 * scale)]
-    outside = drawn[top + int(50 * scale), int(10 * scale)]
-    assert inside[0] - inside[1] > 40 and abs(outside[0] - outside[1]) < 10
+    scale, top = 320 / 80, (320 - 240) // 2  # the 80 x 60 image fills the 320 tile's width, centred vertically
+    for left in (0, 320):
+        inside = drawn[top + int(20 * scale), left + int(35 * scale)]
+        outside = drawn[top + int(50 * scale), left + int(10 * scale)]
+        assert inside[0] - inside[1] > 40 and abs(outside[0] - outside[1]) < 10
+
+
+def test_captions_say_hit_at_half_iou_as_prec_at_half_counts() -> None:
+    query = {"expression": "the red star"}
+    assert demo._caption(query, 0.5) == 'hit (IoU 0.50): "the red star"'
+    assert demo._caption(query, 0.4999) == 'miss (IoU 0.50): "the red star"'
+
+
+def test_held_out_sample_is_drawn_by_seed_from_testb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+
+    from pipelines.data import parquet
+
+    expressions = [f"expression {i}" for i in range(40)]
+    table = pa.table(
+        {
+            "expression": expressions,
+            "file_name": [f"image_{i}.jpg" for i in range(40)],
+            "box_xywh": [[float(i), 2.0, 10.0, 20.0] for i in range(40)],
+        }
+    )
+    asked = []
+
+    def read_split_table(root: Path, split: str, columns: list[str]) -> pa.Table:
+        asked.append(split)
+        return table.select(columns)
+
+    monkeypatch.setattr(parquet, "read_split_table", read_split_table)
+    monkeypatch.setattr(demo, "REPO", tmp_path)
+    sample = demo._held_out_sample(8, seed=0)
+    assert asked == ["testB"]
+    # numpy's seeded draw, as an independent reference for which rows the seed picks
+    rows = sorted(np.random.default_rng(0).choice(40, size=8, replace=False))
+    assert [q["expression"] for q in sample] == [expressions[i] for i in rows]
+    i = rows[0]
+    assert sample[0]["box"] == [float(i), 2.0, i + 10.0, 22.0]  # xywh -> xyxy
+    assert sample[0]["image"] == tmp_path / demo.RAW / "images" / f"image_{i}.jpg"
+    assert [q["expression"] for q in demo._held_out_sample(8, seed=1)] != [q["expression"] for q in sample]
+    assert len(demo._held_out_sample(100, seed=0)) == 40  # a small split gives all it has
 
 
 def test_the_summary_links_the_experiment_in_the_training_view(tmp_path: Path) -> None:
