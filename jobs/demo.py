@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.run(
         "evaluation (Ray Data batch inference)",
         [PY, "-m", "jobs.evaluate", "--model", str(RUN / "model"), "--data", str(DATA),
-         "--splits", "val,testA,testB", "--out", str(report_path)],
+         "--splits", "val,testA,testB", "--actors", "2", "--out", str(report_path)],
     )  # fmt: skip
 
     demo.banner(f"Ray Serve: {SAMPLE} held-out queries over HTTP")

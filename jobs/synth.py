@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import fields
@@ -125,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"kinds of expression, comma-separated, from {','.join(FAMILIES)} "
         f"(default {_default('expression_families')})",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes drawing the images; the files do not depend on it (default: one per CPU)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     return p
 
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     try:
-        summary = generate_synthetic(args.out, config, overwrite=args.overwrite)
+        summary = generate_synthetic(args.out, config, overwrite=args.overwrite, workers=args.workers)
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

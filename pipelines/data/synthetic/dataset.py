@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import pickle
 import shutil
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -243,13 +247,28 @@ def scene_from_annotations(annotations: list[dict[str, Any]]) -> list[SceneObjec
     return [SceneObject(**ann["attributes"]) for ann in annotations]
 
 
-def generate_synthetic(out: str | Path, config: SyntheticConfig, overwrite: bool = False) -> dict[str, Any]:
+def _made_images(config: SyntheticConfig, workers: int) -> Iterator[_ImageRefs]:
+    """Every image of the dataset in index order, drawn in ``workers`` processes (each image has its own seed,
+    so the result does not depend on how many)."""
+    make = partial(_make_image, config=config)
+    if workers <= 1:
+        yield from map(make, range(config.num_images))
+        return
+    # NOTE: spawned, not forked: the caller may hold threads (Ray, torch) that a fork would copy mid-lock.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(make, range(config.num_images), chunksize=max(1, config.num_images // (8 * workers)))
+
+
+def generate_synthetic(
+    out: str | Path, config: SyntheticConfig, overwrite: bool = False, workers: int = 1
+) -> dict[str, Any]:
     """Generates the dataset under ``out`` and returns its statistics.
 
     Args:
         out: Output folder; ``synthetic/`` and ``images/`` are created inside it.
         config: What to generate.
         overwrite: Replace an existing dataset in ``out`` instead of refusing.
+        workers: Processes that draw the images; the files are the same for any number.
 
     Returns:
         Counts per split and per expression kind (every kind of ``language.FAMILIES``, 0 where none was made),
@@ -272,9 +291,8 @@ def generate_synthetic(out: str | Path, config: SyntheticConfig, overwrite: bool
     inverse_counts: list[float] = []
     shared = largest_hits = 0
     next_ann = next_ref = next_sent = 1
-    for index in range(config.num_images):
+    for index, made in enumerate(_made_images(config, workers)):
         image_id = index + 1
-        made = _make_image(index, config)
         file_name = f"synthetic_{image_id:06d}.jpg"
         (img_dir / file_name).write_bytes(made.jpeg)
         w, h = config.image_width, config.image_height

@@ -85,6 +85,11 @@ def test_same_seed_gives_identical_files(synthetic_root: Path, tmp_path: Path) -
     assert _files(other)["synthetic/refs(unc).p"] != _files(synthetic_root)["synthetic/refs(unc).p"]
 
 
+def test_images_drawn_in_several_processes_are_the_same_files(synthetic_root: Path, tmp_path: Path) -> None:
+    generate_synthetic(tmp_path, CONFIG, workers=2)  # the fixture's dataset was drawn in this process
+    assert _files(tmp_path) == _files(synthetic_root)
+
+
 def test_splits_are_disjoint_by_image_and_all_present(synthetic_root: Path) -> None:
     ds = ReferDataset.load(ReferSource(synthetic_root, "synthetic", "unc", synthetic_root / "images"))
     images_per_split: dict[str, set[int]] = defaultdict(set)
