@@ -65,7 +65,8 @@ class Curve:
         return None
 
 
-def _run(args: list[str], env: dict[str, str], log: Path) -> None:
+def run_logged(args: list[str], env: dict[str, str], log: Path) -> None:
+    """Runs a job with its output in ``log``; exits naming the log if it fails."""
     print("$", " ".join(args), flush=True)
     with log.open("w") as out:
         proc = subprocess.run(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
@@ -73,34 +74,58 @@ def _run(args: list[str], env: dict[str, str], log: Path) -> None:
         raise SystemExit(f"{args[2]} failed ({proc.returncode}); see {log}")
 
 
+def synthetic_parquet(
+    raw: Path, data: Path, synth_args: list[str], image_size: int, env: dict[str, str], logs: Path
+) -> dict[str, Any]:
+    """Generates a synthetic dataset into ``raw`` (``jobs.synth`` with ``synth_args``) and preprocesses it into
+    ``data`` (``jobs.preprocess``), each only when missing; returns the generator's statistics."""
+    stats = raw / "synthetic" / "generator.json"
+    if not stats.is_file():
+        run_logged(
+            [sys.executable, "-m", "jobs.synth", "--out", str(raw), *synth_args, "--overwrite"],
+            env, logs / f"{raw.parent.name}-synth.log",
+        )  # fmt: skip
+    if not (data / "manifest.json").is_file():
+        run_logged(
+            [sys.executable, "-m", "jobs.preprocess", "--refer-root", str(raw), "--out", str(data),
+             "--image-size", str(image_size), "--overwrite"],
+            env, logs / f"{raw.parent.name}-preprocess.log",
+        )  # fmt: skip
+    return json.loads(stats.read_text())
+
+
+def train_run(
+    config: str, name: str, data: Path, experiment: str, storage: Path, overrides: list[str], env: dict[str, str]
+) -> float:
+    """Trains ``config`` on ``data`` as the run ``name`` (unregistered, no overlays), its output in
+    ``<storage>/../<name>.log``; returns its wall time in seconds, Ray start-up included."""
+    started = time.perf_counter()
+    run_logged(
+        [sys.executable, "-m", "jobs.train", "--config", config, f"data.path={data}", f"run.name={name}",
+         f"run.experiment={experiment}", f"run.storage_path={storage}", "run.registered_model_name=null",
+         "run.overlays=0", *overrides],
+        env, storage.parent / f"{name}.log",
+    )  # fmt: skip
+    return time.perf_counter() - started
+
+
 def _prepare_data(
     work: Path, args: argparse.Namespace, image_size: int, env: dict[str, str]
 ) -> tuple[Path, dict[str, Any]]:
     """The preprocessed dataset (made when missing) and the generator's statistics of its source."""
     raw, data = work / "raw", work / f"parquet_{image_size}"
-    if not (raw / "synthetic" / "instances.json").is_file():
-        _run(
-            [sys.executable, "-m", "jobs.synth", "--out", str(raw), "--images", str(args.images),
-             "--seed", str(args.seed), "--min-objects", str(args.min_objects), "--max-objects", str(args.max_objects),
-             "--overwrite"],
-            env, work / "synth.log",
-        )  # fmt: skip
-    stats = json.loads((raw / "synthetic" / "generator.json").read_text())
-    made = stats["config"]
     wanted = {
         "num_images": args.images,
         "seed": args.seed,
         "min_objects": args.min_objects,
         "max_objects": args.max_objects,
     }
+    synth_args = ["--images", str(args.images), "--seed", str(args.seed), "--min-objects", str(args.min_objects),
+                  "--max-objects", str(args.max_objects)]  # fmt: skip
+    stats = synthetic_parquet(raw, data, synth_args, image_size, env, work)
+    made = stats["config"]
     if any(made[k] != v for k, v in wanted.items()):
         raise SystemExit(f"{raw} holds another dataset ({made}); pick another --work or remove it")
-    if not (data / "manifest.json").is_file():
-        _run(
-            [sys.executable, "-m", "jobs.preprocess", "--refer-root", str(raw), "--out", str(data),
-             "--image-size", str(image_size), "--overwrite"],
-            env, work / "preprocess.log",
-        )  # fmt: skip
     return data, stats
 
 
@@ -125,12 +150,7 @@ def blind_copy(data: Path, out: Path) -> Path:
 
 
 def _train(name: str, data: Path, work: Path, args: argparse.Namespace, epochs: int, env: dict[str, str]) -> None:
-    _run(
-        [sys.executable, "-m", "jobs.train", "--config", args.config, f"data.path={data}", f"run.name={name}",
-         f"run.experiment={EXPERIMENT}", f"run.storage_path={work / 'runs'}", f"optim.epochs={epochs}",
-         "run.registered_model_name=null", "run.overlays=0", *args.override],
-        env, work / f"{name}.log",
-    )  # fmt: skip
+    train_run(args.config, name, data, EXPERIMENT, work / "runs", [f"optim.epochs={epochs}", *args.override], env)
 
 
 def read_curve(name: str, experiment_name: str = EXPERIMENT) -> Curve:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.convergence import _run, read_curve
+from benchmarks.convergence import read_curve, synthetic_parquet, train_run
 from benchmarks.docs_section import write_generated
 from jobs.demo import CONFIG, IMAGE_SIZE, SYNTH
 from pipelines.data.synthetic.variants import VARIANTS
@@ -39,36 +39,6 @@ def _synth_flags(name: str) -> list[str]:
     return ["--variant", name]
 
 
-def _prepare(name: str, work: Path, env: dict[str, str]) -> tuple[Path, dict[str, Any]]:
-    """The dataset's Parquet (made when missing) and the generator's statistics."""
-    raw, data = work / name / "raw", work / name / f"parquet_{IMAGE_SIZE}"
-    if not (raw / "synthetic" / "generator.json").is_file():
-        _run(
-            [sys.executable, "-m", "jobs.synth", "--out", str(raw), "--images", str(SYNTH["num_images"]),
-             "--seed", str(SYNTH["seed"]), *_synth_flags(name), "--overwrite"],
-            env, work / f"{name}-synth.log",
-        )  # fmt: skip
-    if not (data / "manifest.json").is_file():
-        _run(
-            [sys.executable, "-m", "jobs.preprocess", "--refer-root", str(raw), "--out", str(data),
-             "--image-size", str(IMAGE_SIZE), "--overwrite"],
-            env, work / f"{name}-preprocess.log",
-        )  # fmt: skip
-    return data, json.loads((raw / "synthetic" / "generator.json").read_text())
-
-
-def _train(run_name: str, data: Path, work: Path, overrides: list[str], env: dict[str, str]) -> float:
-    """Trains with the demo's config; returns the wall time in seconds (Ray start-up included, as in the demo)."""
-    started = time.perf_counter()
-    _run(
-        [sys.executable, "-m", "jobs.train", "--config", CONFIG, f"data.path={data}", f"run.name={run_name}",
-         f"run.experiment={EXPERIMENT}", f"run.storage_path={work / 'runs'}", "run.registered_model_name=null",
-         "run.overlays=0", *overrides],
-        env, work / f"{run_name}.log",
-    )  # fmt: skip
-    return time.perf_counter() - started
-
-
 def _row(name: str, stats: dict[str, Any], seconds: float) -> dict[str, Any]:
     curve = read_curve(name, EXPERIMENT)
     config = stats["config"]
@@ -76,10 +46,10 @@ def _row(name: str, stats: dict[str, Any], seconds: float) -> dict[str, Any]:
         "dataset": name,
         "objects": f"{config['min_objects']}-{config['max_objects']}",
         "image": f"{config['image_width']}x{config['image_height']}",
-        "shapes": len(config.get("shapes") or ()) or 5,
-        "colours": len(config.get("palette") or ()) or 5,
-        "families": ", ".join(config.get("expression_families") or ("attribute", "relation", "extreme")),
-        "train_rows": stats["counts"].get("expressions/train", 0),
+        "shapes": len(config["shapes"]),
+        "colours": len(config["palette"]),
+        "families": ", ".join(config["expression_families"]),
+        "train_rows": stats["counts"]["expressions/train"],
         "chance": stats["chance_uniform_object"],
         "prec": curve.prec[-1],
         "miou": curve.miou[-1],
@@ -125,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M")  # a new run name each time: an existing name would resume that run
     rows = []
     for name in args.variants:
-        data, stats = _prepare(name, work, env)
-        seconds = _train(f"{stamp}-{name}", data, work, args.override, env)
+        raw, data = work / name / "raw", work / name / f"parquet_{IMAGE_SIZE}"
+        synth_args = ["--images", str(SYNTH["num_images"]), "--seed", str(SYNTH["seed"]), *_synth_flags(name)]
+        stats = synthetic_parquet(raw, data, synth_args, IMAGE_SIZE, env, work)
+        seconds = train_run(CONFIG, f"{stamp}-{name}", data, EXPERIMENT, work / "runs", args.override, env)
         rows.append(_row(name, stats, seconds))
         print(json.dumps(rows[-1]), flush=True)
     conditions = (
