@@ -145,7 +145,7 @@ def tensors_of(batch: Mapping[str, np.ndarray]) -> dict[str, Tensor | list[Tenso
 
 
 def to_training_batch(
-    arrays: Mapping[str, Any], flips: Tensor | np.ndarray, device: torch.device | str
+    arrays: Mapping[str, Any], flips: Tensor | np.ndarray, device: torch.device | str, full_tokens: bool = False
 ) -> TrainingBatch:
     """Moves one batch of :func:`encode_training_rows` output to ``device`` and applies ``flips`` there.
 
@@ -154,12 +154,16 @@ def to_training_batch(
             bytes, which are decoded here, on ``device``), on any device.
         flips: [B] bool, the rows to mirror (:func:`flip_decisions`).
         device: Where the step runs.
+        full_tokens: Keep the token rows at ``max_tokens`` instead of cutting them to the batch's longest
+            expression: every batch then has one shape, which a compiled model compiles once (a length that
+            changes from batch to batch compiles it again for dynamic shapes, which on the CPU doubles the time).
     """
     flip = torch.as_tensor(flips, dtype=torch.bool).cpu()
     # Tokens are picked and cut on the host: cutting needs the batch's longest expression, a host value.
     rows, variant = torch.arange(len(flip)), flip.long()
     input_ids, attention = arrays["input_ids"].cpu()[rows, variant], arrays["attention_mask"].cpu()[rows, variant]
-    length = int(attention.sum(dim=1).max())  # token rows were padded to max_tokens; tokenising the batch would not
+    # Token rows were padded to max_tokens; tokenising the batch would not have.
+    length = attention.shape[1] if full_tokens else int(attention.sum(dim=1).max())
     move = lambda tensor: tensor.to(device, non_blocking=True)  # noqa: E731
     masks, boxes = move(arrays["mask"]), move(arrays["box"]).float()
     if "image_jpeg" in arrays:

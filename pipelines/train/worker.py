@@ -194,7 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             flips = flip_decisions(
                 config.run.seed, position.epoch, arrays["ref_id"], arrays["sent_id"], config.data.hflip_prob
             )
-            batch = to_training_batch(arrays, flips, device)
+            batch = to_training_batch(arrays, flips, device, full_tokens=config.model.compile)
             losses = train_step(ddp_model, batch, criterion, optimizer, scheduler, config.optim.grad_clip, precision)
             position.step += 1
             position.batch_in_epoch = index + 1

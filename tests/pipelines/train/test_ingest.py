@@ -90,6 +90,30 @@ def test_flip_mirrors_image_box_mask_and_words_but_not_the_category(tokenizer: E
     assert batch.categories.tolist() == [3, 7]
 
 
+def test_full_token_rows_keep_one_shape_and_ground_as_the_cut_ones(tokenizer: ExpressionTokenizer) -> None:
+    # What a compiled model trains on: every batch's token rows at max_tokens, the padding masked out.
+    rows = _rows()
+    encoded = encode_training_rows(rows, tokenizer.vocab, tokenizer.max_tokens)
+    arrays = {k: torch.from_numpy(v) for k, v in encoded.items()}
+    flips = np.array([False, True])
+    cut = to_training_batch(arrays, flips, "cpu")
+    full = to_training_batch(arrays, flips, "cpu", full_tokens=True)
+    words = tokenizer(["the red block on the left", "the rightmost blue block"])  # the second row mirrored
+    assert torch.equal(cut.input_ids, words.input_ids)
+    assert full.input_ids.shape == (2, tokenizer.max_tokens) and full.attention_mask.shape == full.input_ids.shape
+    length = words.input_ids.shape[1]
+    assert torch.equal(full.input_ids[:, :length], words.input_ids)
+    assert (full.input_ids[:, length:] == tokenizer.pad_id).all() and not full.attention_mask[:, length:].any()
+    model = build_model(load_config("configs/test.yaml", ["model.overrides={image_size: 32}"]), tokenizer.vocab_size)
+    model.eval()
+    with torch.no_grad():
+        images = cut.images.float() / 255
+        short = model(images, cut.input_ids, cut.attention_mask)
+        long = model(images, full.input_ids, full.attention_mask)
+    torch.testing.assert_close(long.boxes, short.boxes, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(long.mask_logits, short.mask_logits, rtol=1e-5, atol=1e-5)
+
+
 def _reference(row: dict, flip: bool, tokenizer: ExpressionTokenizer) -> tuple:
     """One row decoded the plain way: PIL, pycocotools and numpy, as a training sample."""
     size = row["canvas_size"]

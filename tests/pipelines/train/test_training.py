@@ -31,6 +31,7 @@ from tests.pipelines.job_harness import (
 )
 from vglaw.checkpoint import WEIGHTS_FILE
 from vglaw.losses import LossWeights
+from vglaw.precision import resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +73,17 @@ def _runs_named(ws: dict[str, Path], name: str) -> list:
 
 @pytest.mark.slow
 def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None:
-    # Compiled, as GPU runs are: torch.compile (inductor on the CPU) wraps the DDP model, and it still learns.
-    result = run_job(_train_args(workspace, "learns", "model.compile=true"), _env(workspace), 2400)
-    assert "2 workers on 1 node(s), fp32, compile True" in result.stdout + result.stderr
+    # Compiled and in bf16 where the CPU computes in bf16, as GPU runs are: torch.compile (inductor on the CPU)
+    # wraps the DDP model under bf16 autocast, and it still learns. The schedule and box loss are the demo's
+    # (configs/synthetic.yaml), which learn in fewer epochs.
+    overrides = ["model.compile=true", "run.precision=auto", "optim.epochs=6", "optim.schedule=cosine"]
+    overrides += ["loss.l1=5", "loss.giou=2"]
+    result = run_job(_train_args(workspace, "learns", *overrides), _env(workspace), 2400)
+    precision = resolve_precision("auto", torch.device("cpu"))
+    assert f"2 workers on 1 node(s), {precision}, compile True" in result.stdout + result.stderr
     (run,) = _runs_named(workspace, "learns")
     client = _client(workspace)
-    config = load_config(REPO / "configs/test.yaml")
+    config = load_config(REPO / "configs/test.yaml", overrides)
 
     # Params: the full resolved config.
     assert run.data.params["optim.global_batch_size"] == str(config.optim.global_batch_size)
