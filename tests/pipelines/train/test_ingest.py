@@ -35,6 +35,7 @@ from vglaw.geometry import swap_spatial_words
 from vglaw.losses import GroundingLoss
 from vglaw.rle import encode_mask
 from vglaw.tokenizer import ExpressionTokenizer
+from vglaw.transforms import normalize
 
 SIZE = 32
 
@@ -107,7 +108,7 @@ def test_full_token_rows_keep_one_shape_and_ground_as_the_cut_ones(tokenizer: Ex
     model = build_model(load_config("configs/test.yaml", ["model.overrides={image_size: 32}"]), tokenizer.vocab_size)
     model.eval()
     with torch.no_grad():
-        images = cut.images.float() / 255
+        images = normalize(cut.images)  # as train_step feeds the model
         short = model(images, cut.input_ids, cut.attention_mask)
         long = model(images, full.input_ids, full.attention_mask)
     torch.testing.assert_close(long.boxes, short.boxes, rtol=1e-5, atol=1e-6)
