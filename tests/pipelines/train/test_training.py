@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -23,7 +24,6 @@ from pipelines.train.config import load_config
 from tests.pipelines.job_harness import (
     PY,
     REPO,
-    descendants_named,
     resumed_step,
     run_job,
     synthetic_parquet,
@@ -190,37 +190,6 @@ def test_the_mlflow_ui_shows_the_learning_runs_metrics_and_overlays(workspace, t
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
-def test_killed_worker_resumes_exactly_where_the_uninterrupted_run_goes(workspace) -> None:
-    """A worker killed mid-epoch resumes from the last checkpoint and ends on the very weights that the same run
-    left alone reaches: same data order, flips, dropout and optimiser state (fp32 on the CPU, bit for bit)."""
-    overrides = ["optim.epochs=2", "optim.max_steps_per_epoch=6", "run.checkpoint_every_steps=2", "run.overlays=0"]
-    run_job(_train_args(workspace, "uninterrupted", *overrides), _env(workspace), 600)
-
-    name = "killed"
-    log = open(workspace["root"] / "killed.log", "w")  # noqa: SIM115
-    args = _train_args(workspace, name, *overrides)
-    driver = subprocess.Popen(args, cwd=REPO, env=_env(workspace), stdout=log, stderr=subprocess.STDOUT)
-    run_dir = workspace["runs"] / name
-    wait_for_checkpoint(driver, run_dir, timeout=400)
-    [killed, *_] = descendants_named(driver.pid, "RayTrainWorker")
-    os.kill(killed.pid, signal.SIGKILL)
-    assert driver.wait(timeout=600) == 0, (workspace["root"] / "killed.log").read_text()[-4000:]
-    assert not killed.is_running()
-    text = (workspace["root"] / "killed.log").read_text()
-    config = load_config(REPO / "configs/test.yaml", overrides[:2])
-    planned = 2 * _steps_per_epoch(workspace, config)
-    assert f"done: step {planned}," in text, text[-3000:]
-    assert 0 < resumed_step(text) < planned, text[-3000:]  # from a checkpoint, not from the start
-    assert len(_runs_named(workspace, name)) == 1
-
-    resumed = load_file(str(run_dir / "model" / WEIGHTS_FILE))
-    reference = load_file(str(workspace["runs"] / "uninterrupted" / "model" / WEIGHTS_FILE))
-    assert resumed.keys() == reference.keys()
-    differing = [key for key in reference if not torch.equal(resumed[key], reference[key])]
-    assert not differing, f"{len(differing)} of {len(reference)} tensors differ, e.g. {differing[:5]}"
-
-
 def _steps_per_epoch(ws: dict[str, Path], config) -> int:
     from pipelines.data.manifest import read_manifest
     from pipelines.train.driver import plan_steps_per_epoch
@@ -234,8 +203,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _training_workers() -> list[psutil.Process]:
+    """Every Ray Train worker process on this machine (a head node's are not under the submitting process)."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if "RayTrainWorker" in (process.info["name"] or "") + " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
 @pytest.mark.slow
-def test_ray_job_submit_against_a_head_node(workspace) -> None:
+def test_a_submitted_job_survives_a_killed_worker_and_ends_on_the_uninterrupted_weights(workspace) -> None:
+    """``ray job submit`` against a head node with token authentication, in bf16 autocast as GPU workers train.
+    A worker killed mid-epoch resumes from the last checkpoint, and the job ends on the very weights that the
+    same run left alone reaches (a local run): same data order, flips and optimiser state, bit for bit.
+    Submitting the same run name again resumes the finished run and trains nothing."""
+    overrides = ["optim.epochs=2", "optim.max_steps_per_epoch=6", "run.checkpoint_every_steps=2", "run.overlays=0"]
+    overrides.append("run.precision=bf16")  # cheap at tiny even where the CPU emulates bf16
+    run_job(_train_args(workspace, "uninterrupted", *overrides), _env(workspace), 600)
+
     env = _env(workspace)
     env.pop("RAY_ADDRESS")
     # The head node requires Ray's token authentication, as a real cluster should (docs/cluster.md).
@@ -252,25 +238,41 @@ def test_ray_job_submit_against_a_head_node(workspace) -> None:
         180,
     )  # fmt: skip
     try:
-        address = f"http://127.0.0.1:{dashboard}"
+        name = "submitted"
         runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}})
-        submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json",
-                  runtime_env, "--", "python", "-m", "jobs.train", "--config", "configs/test.yaml",
-                  f"data.path={workspace['data']}", f"run.storage_path={workspace['runs']}", "run.name=submitted",
-                  "optim.epochs=1", "optim.max_steps_per_epoch=3", "run.overlays=0",
-                  "run.precision=bf16"]  # fmt: skip
-        first = run_job(submit, env, 600)
-        assert "succeeded" in first.stdout.lower() and "done: step 3," in first.stdout
-        # bf16 autocast through Ray Train, as GPU workers train (cheap at tiny even where the CPU emulates bf16).
-        assert "2 workers on 1 node(s), bf16, compile False" in first.stdout
+        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
+                  "--runtime-env-json", runtime_env, "--", "python", "-m", "jobs.train", "--config",
+                  "configs/test.yaml", f"data.path={workspace['data']}", f"run.storage_path={workspace['runs']}",
+                  f"run.name={name}", *overrides]  # fmt: skip
+        log_path = workspace["root"] / f"{name}.log"
+        with log_path.open("w") as log:
+            job = subprocess.Popen(submit, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            wait_for_checkpoint(job, workspace["runs"] / name, timeout=400)
+            [killed, *_] = _training_workers()
+            os.kill(killed.pid, signal.SIGKILL)
+            assert job.wait(timeout=600) == 0, log_path.read_text()[-4000:]
+        assert not killed.is_running()
+        text = log_path.read_text()
+        planned = 2 * _steps_per_epoch(workspace, load_config(REPO / "configs/test.yaml", overrides[:2]))
+        assert "succeeded" in text.lower() and f"done: step {planned}," in text, text[-3000:]
+        assert "2 workers on 1 node(s), bf16, compile False" in text
+        assert 0 < resumed_step(text) < planned, text[-3000:]  # from a checkpoint, not from the start
+        (run,) = _runs_named(workspace, name)
+
+        resumed = load_file(str(workspace["runs"] / name / "model" / WEIGHTS_FILE))
+        reference = load_file(str(workspace["runs"] / "uninterrupted" / "model" / WEIGHTS_FILE))
+        assert resumed.keys() == reference.keys()
+        differing = [key for key in reference if not torch.equal(resumed[key], reference[key])]
+        assert not differing, f"{len(differing)} of {len(reference)} tensors differ, e.g. {differing[:5]}"
+
         # Submitting the same run name again resumes the finished run: no new steps, the same MLflow run.
-        second = run_job(submit, env, 600)
-        assert "resuming MLflow run" in second.stdout and "done: step 3," in second.stdout
-        (run,) = _runs_named(workspace, "submitted")
+        again = run_job(submit, env, 600)
+        assert "resuming MLflow run" in again.stdout and f"done: step {planned}," in again.stdout
+        assert "nothing trained since step" in again.stdout
+        assert [r.info.run_id for r in _runs_named(workspace, name)] == [run.info.run_id]
         # Nothing was trained the second time: one logged model, one registered version.
         versions = _client(workspace).search_model_versions(f"run_id = '{run.info.run_id}'")
         assert len(versions) == 1, [v.version for v in versions]
-        assert "nothing trained since step 3" in second.stdout
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
