@@ -129,7 +129,7 @@ SHIPPED: dict[str, dict[str, Any]] = {
         "optim.decay_epochs": (),
         "optim.warmup_steps": 20,
         "loss.l1": 5.0,
-        "loss.giou": 2.0,
+        "loss.giou": 5.0,
         "loss.category": 3.0,
         "run.precision": "auto",
         "run.experiment": "vglaw-synthetic",
