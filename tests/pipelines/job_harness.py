@@ -40,16 +40,22 @@ def synthetic_parquet(root: Path, env: dict[str, str], images: int, seed: int, *
     return root / "data"
 
 
+def _holds(process: psutil.Process, fragment: str) -> bool:
+    try:
+        return fragment in " ".join(process.cmdline()) or fragment in process.name()
+    except psutil.Error:  # gone, or not ours to read
+        return False
+
+
 def descendants_named(pid: int, fragment: str) -> list[psutil.Process]:
     """The processes under ``pid`` whose command line or name holds ``fragment``."""
-    found = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if fragment in " ".join(child.cmdline()) or fragment in child.name():
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
+    return [child for child in psutil.Process(pid).children(recursive=True) if _holds(child, fragment)]
+
+
+def processes_named(fragment: str) -> list[psutil.Process]:
+    """Every process on this machine whose command line or name holds ``fragment``: also those a separately
+    started Ray head node runs, which are not under the process that submitted the job."""
+    return [process for process in psutil.process_iter() if _holds(process, fragment)]
 
 
 def registered_checkpoints(run_dir: Path) -> list[dict]:

@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 from PIL import Image
@@ -24,6 +23,7 @@ from pipelines.train.config import load_config
 from tests.pipelines.job_harness import (
     PY,
     REPO,
+    processes_named,
     resumed_step,
     run_job,
     synthetic_parquet,
@@ -203,15 +203,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _training_workers() -> list[psutil.Process]:
-    """Every Ray Train worker process on this machine (a head node's are not under the submitting process)."""
-    found = []
-    for process in psutil.process_iter(["name", "cmdline"]):
-        if "RayTrainWorker" in (process.info["name"] or "") + " ".join(process.info["cmdline"] or []):
-            found.append(process)
-    return found
-
-
 @pytest.mark.slow
 def test_a_submitted_job_survives_a_killed_worker_and_ends_on_the_uninterrupted_weights(workspace) -> None:
     """``ray job submit`` against a head node with token authentication, in bf16 autocast as GPU workers train.
@@ -248,7 +239,7 @@ def test_a_submitted_job_survives_a_killed_worker_and_ends_on_the_uninterrupted_
         with log_path.open("w") as log:
             job = subprocess.Popen(submit, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
             wait_for_checkpoint(job, workspace["runs"] / name, timeout=400)
-            [killed, *_] = _training_workers()
+            [killed, *_] = processes_named("RayTrainWorker")  # the head node's, not under `job`
             os.kill(killed.pid, signal.SIGKILL)
             assert job.wait(timeout=600) == 0, log_path.read_text()[-4000:]
         assert not killed.is_running()
