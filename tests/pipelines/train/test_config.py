@@ -125,8 +125,6 @@ SHIPPED: dict[str, dict[str, Any]] = {
         "model.overrides": {"categories": 9},
         "data.path": "data/processed/synthetic_unc_128",
         "optim.epochs": 6,
-        "optim.lr_backbone": 1.4e-3,
-        "optim.lr_head": 1.4e-3,
         "optim.schedule": "cosine",
         "optim.decay_epochs": (),
         "optim.warmup_steps": 20,
