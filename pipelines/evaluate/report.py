@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,6 +175,26 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
+def wrap_caption(text: str, fits: Callable[[str], bool], max_lines: int = 3) -> list[str]:
+    """``text`` broken at spaces into at most ``max_lines`` lines for which ``fits`` holds.
+
+    A word too long for a line of its own is cut; text beyond the last line is dropped, and that line ends with
+    "~" to say so.
+    """
+    lines: list[str] = []
+    words = text.split()
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and fits(f"{line} {words[0]}"):
+            line = f"{line} {words.pop(0)}"
+        if words and len(lines) == max_lines - 1:
+            line += "~"
+        while len(line) > 1 and not fits(line):
+            line = line[:-2] + "~"
+        lines.append(line)
+    return lines
+
+
 def overlay_grid(
     images: Sequence[np.ndarray | Image.Image],
     pred_boxes: Sequence[Sequence[float] | None] | None = None,
@@ -184,6 +204,7 @@ def overlay_grid(
     captions: Sequence[str] | None = None,
     columns: int = 4,
     tile_size: int = 256,
+    caption_lines: int = 3,
 ) -> Image.Image:
     """Draws predictions over images and tiles them into one RGB image.
 
@@ -196,17 +217,27 @@ def overlay_grid(
         true_boxes: Ground-truth boxes.
         pred_masks: Predicted boolean masks.
         true_masks: Ground-truth masks.
-        captions: A line of text under each tile (e.g. the expression and the IoU).
+        captions: Text under each tile (e.g. the expression and the IoU), wrapped to the tile's width in up to
+            ``caption_lines`` lines.
         columns: Tiles per row.
         tile_size: Side of each tile; images are scaled to fit, keeping their aspect ratio.
+        caption_lines: The most lines a caption takes.
     """
-    if columns < 1 or tile_size < 16:
-        raise ValueError(f"columns must be >= 1 and tile_size >= 16, got {columns} and {tile_size}")
+    if columns < 1 or tile_size < 16 or caption_lines < 1:
+        raise ValueError(
+            f"columns, tile_size and caption_lines must be >= 1, 16 and 1, got {columns}, {tile_size}, {caption_lines}"
+        )
     n = len(images)
-    caption_h = 0 if captions is None else max(14, tile_size // 16) + 6
+    font = _font(max(10, tile_size // 18))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [
+        wrap_caption(str(text), lambda line: measure.textlength(line, font=font) <= tile_size - 8, caption_lines)
+        for text in captions or ()
+    ]
+    line_h = max(14, tile_size // 16) + 2
+    caption_h = 0 if captions is None else max((len(lines) for lines in wrapped), default=1) * line_h + 4
     rows = max(1, -(-n // columns))
     grid = Image.new("RGB", (min(n, columns) * tile_size or tile_size, rows * (tile_size + caption_h)), (24, 24, 24))
-    font = _font(max(10, tile_size // 18))
 
     def pick(seq: Sequence[Any] | None, i: int) -> Any:
         return None if seq is None else seq[i]
@@ -238,11 +269,9 @@ def overlay_grid(
         grid.paste(tile, (left, top))
         if captions is not None:
             writer = ImageDraw.Draw(grid)
-            text = str(captions[i])
-            while len(text) > 1 and writer.textlength(text, font=font) > tile_size - 8:
-                text = text[:-2] + "~"
-            origin = (col * tile_size + 4, row * (tile_size + caption_h) + tile_size + 2)
-            writer.text(origin, text, fill=(235, 235, 235), font=font)
+            for k, line in enumerate(wrapped[i]):
+                origin = (col * tile_size + 4, row * (tile_size + caption_h) + tile_size + 2 + k * line_h)
+                writer.text(origin, line, fill=(235, 235, 235), font=font)
     return grid
 
 

@@ -21,7 +21,7 @@ from pipelines.data.preprocess import PreprocessConfig, run_preprocess
 from pipelines.data.schema import EVAL_COLUMNS
 from pipelines.data.synthetic.dataset import SyntheticConfig, generate_synthetic
 from pipelines.evaluate.inference import evaluate_splits
-from pipelines.evaluate.report import overlay_examples, overlay_grid
+from pipelines.evaluate.report import overlay_examples, overlay_grid, wrap_caption
 from pipelines.evaluate.scoring import accumulate, evaluate_batches, evaluate_rows
 from pipelines.evaluate.stage import EvaluationConfig, run_evaluation
 from vglaw.metrics import GroundingMetrics
@@ -176,6 +176,28 @@ def test_overlay_grid_draws_boxes_and_masks() -> None:
     tile = grid[:100, :100]
     assert (tile[..., 0] > 150).any() and (tile[..., 1] > 150).any()  # red prediction, green truth
     assert grid[:100, 100:200].max() < 40  # second tile: a black image with nothing drawn
+
+
+def test_captions_wrap_at_spaces_and_mark_what_is_cut() -> None:
+    def fits(line: str) -> bool:
+        return len(line) <= 12
+
+    text = 'hit (IoU 0.86): "the shape left of the circle"'
+    assert wrap_caption(text, fits) == ["hit (IoU", '0.86): "the', "shape left~"]
+    assert wrap_caption(text, fits, max_lines=9) == ["hit (IoU", '0.86): "the', "shape left", "of the", 'circle"']
+    assert wrap_caption("a verylongwordindeed b", fits, max_lines=2) == ["a", "verylongwor~"]
+    assert wrap_caption("", fits) == []
+
+
+def test_overlay_grid_gives_long_captions_more_lines() -> None:
+    image = np.zeros((100, 100, 3), dtype=np.uint8)
+    short = np.asarray(overlay_grid([image], captions=["a"], tile_size=100))
+    text = 'hit (IoU 0.86): "the shape to the left of the big red circle, below the small star"'
+    long = np.asarray(overlay_grid([image], captions=[text], tile_size=100))
+    line_h = short.shape[0] - 100 - 4  # one line of caption under the 100-px tile, 4 px of margin
+    assert long.shape[0] - 100 - 4 == 3 * line_h  # three lines at most (the default)
+    rows_with_text = np.flatnonzero((long[100:, :, 0] > 150).any(axis=1))
+    assert rows_with_text.max() >= 2 * line_h  # the third line is drawn, not just reserved
 
 
 def test_overlay_examples_from_rows(model_dir: Path, data_dir: Path) -> None:
