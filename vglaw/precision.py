@@ -43,14 +43,14 @@ def resolve_precision(precision: str | None, device: torch.device | str) -> Prec
     return precision  # type: ignore[return-value]
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` (None: no autocast)."""
-    return torch.bfloat16 if resolve_precision(precision, "cpu") == "bf16" else None
+def autocast_dtype(precision: str | None, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: no autocast), ``auto`` and None resolved for it."""
+    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else None
 
 
-def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager[None]:
+def autocast(precision: str | None, device: torch.device | str) -> contextlib.AbstractContextManager[None]:
     """The autocast region for ``precision`` on ``device``; a no-op region for fp32."""
-    dtype = autocast_dtype(precision)
+    dtype = autocast_dtype(precision, device)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)

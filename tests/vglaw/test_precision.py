@@ -185,6 +185,20 @@ def test_autocast_region_dtype() -> None:
         autocast("fp16", "cpu")
 
 
+def test_autocast_resolves_auto_and_the_default_for_its_own_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vglaw.precision
+
+    monkeypatch.setattr(vglaw.precision, "cpu_bf16_instructions", lambda: ())  # a CPU without bf16 arithmetic
+    assert autocast_dtype("auto", "cuda") is torch.bfloat16 and autocast_dtype(None, "cuda") is torch.bfloat16
+    assert autocast_dtype("auto", "cpu") is None and autocast_dtype(None, "cpu") is None
+    with autocast("auto", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(vglaw.precision, "cpu_bf16_instructions", lambda: ("avx512_bf16",))
+    assert autocast_dtype("auto", "cpu") is torch.bfloat16 and autocast_dtype(None, "cpu") is None
+    with autocast("auto", "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+
+
 # ---- the layer that failed: the in-place low-rank update ----------------------------------------
 
 
