@@ -115,11 +115,19 @@ class EvaluationOutputs:
 
 def run_evaluation(config: EvaluationConfig, log: Callable[[str], None] = print) -> EvaluationOutputs:
     """Evaluates every split of ``config`` and writes the report, the length plot and the overlays."""
-    from pipelines.tracking.registry import model_identity, resolve_model
-    from vglaw import Predictor
+    from pipelines.tracking.registry import resolved_model
 
     started = time.perf_counter()
-    model_dir = resolve_model(config.model)
+    with resolved_model(config.model) as model_dir:  # a registry model's download is removed at the end
+        return _evaluate_model(config, model_dir, started, log)
+
+
+def _evaluate_model(
+    config: EvaluationConfig, model_dir: Path, started: float, log: Callable[[str], None]
+) -> EvaluationOutputs:
+    from pipelines.tracking.registry import model_identity
+    from vglaw import Predictor
+
     resolved_s = time.perf_counter() - started
     model = asdict(model_identity(config.model, model_dir))
     data = data_identity(config.data)

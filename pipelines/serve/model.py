@@ -25,7 +25,7 @@ from PIL import Image
 from ray import serve
 from ray.serve import metrics
 
-from pipelines.tracking.registry import model_identity, resolve_model
+from pipelines.tracking.registry import model_identity, resolved_model
 from vglaw import Grounding, Predictor
 from vglaw.geometry import Letterbox
 from vglaw.rle import encode_mask
@@ -168,10 +168,10 @@ class GroundingModel:
     def __init__(self, model: str, device: str = "auto", precision: str | None = None) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        directory = resolve_model(model)
-        self.predictor = Predictor.from_pretrained(directory, device=device, precision=precision)
+        with resolved_model(model) as directory:  # in memory from here: a registry model's download is removed
+            self.predictor = Predictor.from_pretrained(directory, device=device, precision=precision)
+            self.identity = model_identity(model, directory)
         self.model_threshold = self.predictor.mask_threshold
-        self.identity = model_identity(model, directory)
         self.settings = BatchSettings()
         # One forward at a time: the batch runs in a worker thread while health probes may run in another.
         self._forward_lock = threading.Lock()

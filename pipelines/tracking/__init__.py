@@ -18,6 +18,7 @@ __all__ = [
     "log_params",
     "log_vglaw_model",
     "resolve_model",
+    "resolved_model",
     "set_alias_if_best",
     "tracking_uri",
 ]
@@ -35,6 +36,7 @@ __getattr__, __dir__ = lazy_exports(
         "LoggedVGLAW": "pipelines.tracking.registry",
         "log_vglaw_model": "pipelines.tracking.registry",
         "resolve_model": "pipelines.tracking.registry",
+        "resolved_model": "pipelines.tracking.registry",
         "set_alias_if_best": "pipelines.tracking.registry",
     },
 )

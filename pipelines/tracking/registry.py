@@ -3,11 +3,13 @@ model reference (a directory or an MLflow URI) to a local model directory."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ __all__ = [
     "log_vglaw_model",
     "model_identity",
     "resolve_model",
+    "resolved_model",
     "set_alias_if_best",
 ]
 
@@ -166,7 +169,8 @@ def resolve_model(uri_or_dir: str | os.PathLike[str], dst_dir: str | os.PathLike
     Args:
         uri_or_dir: A directory (a :func:`vglaw.save_pretrained` one, or a downloaded MLflow model), or
             ``models:/name@alias``, ``models:/name/version``, ``runs:/<run_id>/<path>`` or any artifact URI.
-        dst_dir: Where to download to; a new temporary folder by default.
+        dst_dir: Where to download to; by default a new temporary folder, removed when the process exits
+            (:func:`resolved_model` removes it when a block ends).
 
     Raises:
         FileNotFoundError: If the directory, the registered model, version, alias or run does not exist.
@@ -177,15 +181,30 @@ def resolve_model(uri_or_dir: str | os.PathLike[str], dst_dir: str | os.PathLike
             raise FileNotFoundError(f"model directory {text} does not exist")
         return find_model_dir(text)
     configure_mlflow()
-    dst = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="vglaw-model-"))
-    dst.mkdir(parents=True, exist_ok=True)
+    if dst_dir is None:
+        dst = Path(tempfile.mkdtemp(prefix="vglaw-model-"))
+        atexit.register(shutil.rmtree, dst, ignore_errors=True)
+    else:
+        dst = Path(dst_dir)
+        dst.mkdir(parents=True, exist_ok=True)
     try:
         # NOTE: no per-file download bar: in a Serve replica or a Ray task it is dozens of log lines, not a bar.
         with _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
             local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst))
     except (MlflowException, OSError) as err:
+        if dst_dir is None:
+            shutil.rmtree(dst, ignore_errors=True)
         raise FileNotFoundError(f"cannot fetch model {text} from MLflow at {tracking_uri()}: {err}") from err
     return find_model_dir(local)
+
+
+@contextlib.contextmanager
+def resolved_model(uri_or_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """:func:`resolve_model` for the length of a ``with`` block: an MLflow model is downloaded to a temporary
+    folder that the block's end removes (a ``base`` model is half a gigabyte); a local directory is used in place.
+    """
+    with tempfile.TemporaryDirectory(prefix="vglaw-model-") as tmp:
+        yield resolve_model(uri_or_dir, tmp)
 
 
 @contextlib.contextmanager

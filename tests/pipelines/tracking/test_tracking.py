@@ -173,6 +173,33 @@ def test_resolve_model_for_every_uri_form(registered: dict[str, object], model_d
         registry.resolve_model("models:/vglaw-test/99")
 
 
+def test_a_downloaded_model_is_removed_after_its_block_and_at_exit(
+    registered: dict[str, object], model_dir: Path, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with registry.resolved_model("models:/vglaw-test@best") as local:
+        assert local.is_relative_to(tmp_path) and (local / "model.safetensors").is_file()
+    assert not local.exists() and list(tmp_path.iterdir()) == []
+    with registry.resolved_model(model_dir) as local:  # a local directory is used in place, and left alone
+        assert local == model_dir
+    assert (model_dir / "model.safetensors").is_file() and list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError):
+        registry.resolve_model("models:/no-such-model@best")  # a failed download leaves no folder behind
+    assert list(tmp_path.iterdir()) == []
+    # Without a block or a folder of its own, the download lasts until the process exits.
+    code = "from pipelines.tracking.registry import resolve_model; print(resolve_model('models:/vglaw-test/1'))"
+    env = os.environ | {"TMPDIR": str(tmp_path)}
+    root = Path(__file__).resolve().parents[3]
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert Path(run.stdout.strip().splitlines()[-1]).is_relative_to(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_logged_model_loads_without_the_repository(registered: dict[str, object], store: Path, tmp_path: Path) -> None:
     """A fresh interpreter outside the repo, with ``pipelines`` unimportable, loads and runs the model, taking
     ``vglaw`` from the model's own code folder."""
