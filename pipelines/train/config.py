@@ -81,7 +81,8 @@ class OptimSection:
     lr_backbone: float = 4e-5
     lr_head: float = 4e-4
     weight_decay: float = 1e-4
-    # "step": x decay_factor at each of decay_epochs (the paper's); "cosine": from the peak down to zero over the run
+    # "step": x decay_factor at each of decay_epochs (the paper's); "cosine" and "linear": from the peak down to zero
+    # over the run
     schedule: str = "step"
     decay_epochs: tuple[int, ...] = (10, 60)
     decay_factor: float = 0.1
@@ -97,10 +98,10 @@ class OptimSection:
             raise ValueError("learning rates must be positive")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError("optim.grad_clip must be positive or null")
-        if self.schedule not in ("step", "cosine"):
-            raise ValueError(f"optim.schedule must be 'step' or 'cosine', got {self.schedule!r}")
-        if self.schedule == "cosine" and self.decay_epochs:
-            raise ValueError("optim.decay_epochs belong to the step schedule: set them to [] for the cosine one")
+        if self.schedule not in ("step", "cosine", "linear"):
+            raise ValueError(f"optim.schedule must be 'step', 'cosine' or 'linear', got {self.schedule!r}")
+        if self.schedule != "step" and self.decay_epochs:
+            raise ValueError(f"optim.decay_epochs belong to the step schedule: set them to [] for {self.schedule!r}")
 
 
 @dataclass

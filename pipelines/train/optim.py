@@ -26,13 +26,13 @@ def lr_factor(step: int, steps_per_epoch: int, optim: OptimSection) -> float:
     """Linear warm-up over ``warmup_steps``, then the schedule's factor of the peak learning rate.
 
     ``step``: x``decay_factor`` at each of ``decay_epochs``. ``cosine``: half a cosine from 1 after the
-    warm-up to 0 at the run's last step (``epochs * steps_per_epoch``).
+    warm-up to 0 at the run's last step (``epochs * steps_per_epoch``). ``linear``: a straight line over the same.
     """
     warmup = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
-    if optim.schedule == "cosine":
+    if optim.schedule in ("cosine", "linear"):
         total = max(1, optim.epochs * steps_per_epoch - optim.warmup_steps)
         done = min(1.0, max(0, step - optim.warmup_steps) / total)
-        return warmup * 0.5 * (1.0 + math.cos(math.pi * done))
+        return warmup * (0.5 * (1.0 + math.cos(math.pi * done)) if optim.schedule == "cosine" else 1.0 - done)
     epoch = step // max(1, steps_per_epoch)
     decays = sum(1 for e in optim.decay_epochs if epoch >= e)
     return warmup * optim.decay_factor**decays

@@ -29,6 +29,17 @@ def test_cosine_schedule_falls_from_the_peak_to_zero_over_the_run() -> None:
     assert lr_factor(100, 50, optim) == 0.0  # a step past the end stays at zero
 
 
+def test_linear_schedule_falls_in_a_straight_line_to_zero_over_the_run() -> None:
+    optim = OptimSection(epochs=2, warmup_steps=10, schedule="linear", decay_epochs=())
+    # 50 steps per epoch: 100 in all, 90 of them after the warm-up
+    assert lr_factor(0, 50, optim) == pytest.approx(0.1)
+    assert lr_factor(10, 50, optim) == pytest.approx(1.0)
+    assert lr_factor(40, 50, optim) == pytest.approx(2 / 3)  # 30 of 90 done
+    assert lr_factor(55, 50, optim) == pytest.approx(0.5)
+    assert lr_factor(99, 50, optim) == pytest.approx(1 / 90)
+    assert lr_factor(100, 50, optim) == 0.0
+
+
 def test_the_scheduler_sets_each_groups_rate_from_its_own_peak() -> None:
     optim = OptimSection(epochs=1, warmup_steps=0, schedule="cosine", decay_epochs=(), lr_backbone=1e-3, lr_head=4e-3)
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
@@ -43,8 +54,9 @@ def test_the_scheduler_sets_each_groups_rate_from_its_own_peak() -> None:
     assert rates == pytest.approx([peak * f for f in half for peak in (1e-3, 4e-3)])
 
 
-def test_a_schedule_is_one_of_two_and_cosine_has_no_decay_epochs() -> None:
-    with pytest.raises(ValueError, match="'step' or 'cosine'"):
-        OptimSection(schedule="linear")
-    with pytest.raises(ValueError, match="decay_epochs belong to the step schedule"):
-        OptimSection(schedule="cosine")  # the paper's (10, 60) are the default
+def test_a_schedule_is_one_of_three_and_only_step_has_decay_epochs() -> None:
+    with pytest.raises(ValueError, match="'step', 'cosine' or 'linear'"):
+        OptimSection(schedule="exponential")
+    for schedule in ("cosine", "linear"):
+        with pytest.raises(ValueError, match="decay_epochs belong to the step schedule"):
+            OptimSection(schedule=schedule)  # the paper's (10, 60) are the default
