@@ -169,33 +169,37 @@ def resolve_model(uri_or_dir: str | os.PathLike[str], dst_dir: str | os.PathLike
     Args:
         uri_or_dir: A directory (a :func:`vglaw.save_pretrained` one, or a downloaded MLflow model), or
             ``models:/name@alias``, ``models:/name/version``, ``runs:/<run_id>/<path>`` or any artifact URI.
-        dst_dir: Where to download to; by default a new temporary folder, removed when the process exits
-            (:func:`resolved_model` removes it when a block ends).
+        dst_dir: Where to download to; by default a new temporary folder, removed when the interpreter exits
+            normally (:func:`resolved_model` removes it when a block ends).
 
     Raises:
-        FileNotFoundError: If the directory, the registered model, version, alias or run does not exist.
+        FileNotFoundError: If the directory, the registered model, version, alias or run does not exist, or the
+            artifact holds no VG-LAW model directory.
     """
     text = os.fspath(uri_or_dir)
-    if "://" not in text and not text.startswith(("models:/", "runs:/")):
+    if not _is_uri(text):
         if not Path(text).is_dir():
             raise FileNotFoundError(f"model directory {text} does not exist")
         return find_model_dir(text)
     configure_mlflow()
-    if dst_dir is None:
-        dst = Path(tempfile.mkdtemp(prefix="vglaw-model-"))
-        atexit.register(shutil.rmtree, dst, ignore_errors=True)
-    else:
-        dst = Path(dst_dir)
-        dst.mkdir(parents=True, exist_ok=True)
+    dst = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="vglaw-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
     try:
-        # NOTE: no per-file download bar: in a Serve replica or a Ray task it is dozens of log lines, not a bar.
-        with _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
-            local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst))
-    except (MlflowException, OSError) as err:
+        try:
+            # NOTE: no per-file download bar: in a Serve replica or a Ray task it is dozens of log lines, not a bar.
+            with _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+                local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(dst))
+        except (MlflowException, OSError) as err:
+            raise FileNotFoundError(f"cannot fetch model {text} from MLflow at {tracking_uri()}: {err}") from err
+        found = find_model_dir(local)
+    except BaseException:
         if dst_dir is None:
             shutil.rmtree(dst, ignore_errors=True)
-        raise FileNotFoundError(f"cannot fetch model {text} from MLflow at {tracking_uri()}: {err}") from err
-    return find_model_dir(local)
+        raise
+    if dst_dir is None:
+        owner = os.getpid()  # NOTE: a forked child that exits must not remove its parent's download
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(dst, ignore_errors=True))
+    return found
 
 
 @contextlib.contextmanager
@@ -203,8 +207,16 @@ def resolved_model(uri_or_dir: str | os.PathLike[str]) -> Iterator[Path]:
     """:func:`resolve_model` for the length of a ``with`` block: an MLflow model is downloaded to a temporary
     folder that the block's end removes (a ``base`` model is half a gigabyte); a local directory is used in place.
     """
+    if not _is_uri(os.fspath(uri_or_dir)):
+        yield resolve_model(uri_or_dir)
+        return
     with tempfile.TemporaryDirectory(prefix="vglaw-model-") as tmp:
         yield resolve_model(uri_or_dir, tmp)
+
+
+def _is_uri(text: str) -> bool:
+    """Whether a model reference names an MLflow model (``models:/``, ``runs:/``, an artifact URI), not a path."""
+    return "://" in text or text.startswith(("models:/", "runs:/"))
 
 
 @contextlib.contextmanager

@@ -190,6 +190,8 @@ def test_a_downloaded_model_is_removed_after_its_block_and_at_exit(
     assert (model_dir / "model.safetensors").is_file() and list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError):
         registry.resolve_model("models:/no-such-model@best")  # a failed download leaves no folder behind
+    with pytest.raises(FileNotFoundError, match="no VG-LAW model directory"):
+        registry.resolve_model(f"runs:/{registered['run_id']}/again/MLmodel")  # fetched, but not a model
     assert list(tmp_path.iterdir()) == []
     # Without a block or a folder of its own, the download lasts until the process exits.
     code = "from pipelines.tracking.registry import resolve_model; print(resolve_model('models:/vglaw-test/1'))"
