@@ -43,7 +43,7 @@ def resolve_precision(precision: str | None, device: torch.device | str) -> Prec
     return precision  # type: ignore[return-value]
 
 
-def autocast_dtype(precision: str | None, device: torch.device | str = "cpu") -> torch.dtype | None:
+def autocast_dtype(precision: str | None, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of ``precision`` on ``device`` (None: no autocast), ``auto`` and None resolved for it."""
     return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else None
 

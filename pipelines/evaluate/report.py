@@ -38,6 +38,7 @@ __all__ = [
     "overlay_examples",
     "overlay_grid",
     "plot_length_breakdown",
+    "wrap_caption",
     "write_report",
 ]
 
@@ -176,7 +177,7 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def wrap_caption(text: str, fits: Callable[[str], bool], max_lines: int = 3) -> list[str]:
-    """``text`` broken at spaces into at most ``max_lines`` lines for which ``fits`` holds.
+    """``text`` broken at spaces into at most ``max_lines`` lines for which ``fits`` holds (down to one character).
 
     A word too long for a line of its own is cut; text beyond the last line is dropped, and that line ends with
     "~" to say so.
@@ -188,9 +189,9 @@ def wrap_caption(text: str, fits: Callable[[str], bool], max_lines: int = 3) -> 
         while words and fits(f"{line} {words[0]}"):
             line = f"{line} {words.pop(0)}"
         if words and len(lines) == max_lines - 1:
-            line += "~"
+            line = line.rstrip() + "~"
         while len(line) > 1 and not fits(line):
-            line = line[:-2] + "~"
+            line = line[:-2].rstrip() + "~"
         lines.append(line)
     return lines
 
@@ -235,7 +236,7 @@ def overlay_grid(
         for text in captions or ()
     ]
     line_h = max(14, tile_size // 16) + 2
-    caption_h = 0 if captions is None else max((len(lines) for lines in wrapped), default=1) * line_h + 4
+    caption_h = 0 if captions is None else max([1, *(len(lines) for lines in wrapped)]) * line_h + 4
     rows = max(1, -(-n // columns))
     grid = Image.new("RGB", (min(n, columns) * tile_size or tile_size, rows * (tile_size + caption_h)), (24, 24, 24))
 

@@ -173,7 +173,7 @@ def test_cpu_bf16_instructions_are_read_from_the_flags_line(tmp_path) -> None:
 
 
 def test_autocast_region_dtype() -> None:
-    assert autocast_dtype("fp32") is None and autocast_dtype("bf16") is torch.bfloat16
+    assert autocast_dtype("fp32", "cpu") is None and autocast_dtype("bf16", "cpu") is torch.bfloat16
     a = torch.randn(4, 4)
     with autocast("bf16", "cpu"):
         assert torch.is_autocast_enabled("cpu")

@@ -187,6 +187,7 @@ def test_captions_wrap_at_spaces_and_mark_what_is_cut() -> None:
     assert wrap_caption(text, fits, max_lines=9) == ["hit (IoU", '0.86): "the', "shape left", "of the", 'circle"']
     assert wrap_caption("a verylongwordindeed b", fits, max_lines=2) == ["a", "verylongwor~"]
     assert wrap_caption("", fits) == []
+    assert wrap_caption("one two three four", fits, max_lines=1) == ["one two~"]  # no space before the mark
 
 
 def test_overlay_grid_gives_long_captions_more_lines() -> None:
@@ -198,6 +199,7 @@ def test_overlay_grid_gives_long_captions_more_lines() -> None:
     assert long.shape[0] - 100 - 4 == 3 * line_h  # three lines at most (the default)
     rows_with_text = np.flatnonzero((long[100:, :, 0] > 150).any(axis=1))
     assert rows_with_text.max() >= 2 * line_h  # the third line is drawn, not just reserved
+    assert np.asarray(overlay_grid([image], captions=[""], tile_size=100)).shape == short.shape  # one line kept
 
 
 def test_overlay_examples_from_rows(model_dir: Path, data_dir: Path) -> None:
