@@ -38,9 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from pipelines.train.driver import run_training
+    from pipelines.train.driver import SetupError, run_training
 
-    summary = run_training(config)
+    try:
+        summary = run_training(config)
+    except SetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     shown = {k: round(v, 4) for k, v in summary.metrics.items() if k.startswith("val/")}
     print(f"run {summary.run_name}: {summary.steps} steps, {summary.epochs} epochs, {shown}")
     print(f"model directory: {summary.model_dir}")

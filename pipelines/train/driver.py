@@ -23,7 +23,7 @@ from pipelines.data.schema import EVAL_COLUMNS, TRAINING_COLUMNS
 from pipelines.runtime import ensure_ray
 from pipelines.train.config import TrainConfig
 from pipelines.train.ingest import encode_training_rows
-from pipelines.train.worker import STATE_FILE, train_loop_per_worker
+from pipelines.train.worker import PLAN_FILE, STATE_FILE, train_loop_per_worker
 from vglaw import ExpressionTokenizer
 from vglaw.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from vglaw.tokenizer import VOCAB_FILE
@@ -42,13 +42,17 @@ class TrainingSummary:
     registered_version: str | None
 
 
+class SetupError(ValueError):
+    """A run that cannot start as configured, found before any training; the message says what to change."""
+
+
 def plan_steps_per_epoch(config: TrainConfig, train_rows: int) -> int:
     """Full global batches per epoch (capped by ``optim.max_steps_per_epoch``)."""
     steps = train_rows // config.optim.global_batch_size
     if config.optim.max_steps_per_epoch is not None:
         steps = min(steps, config.optim.max_steps_per_epoch)
     if steps <= 0:
-        raise ValueError(
+        raise SetupError(
             f"the training split has {train_rows} rows, fewer than one global batch "
             f"({config.optim.global_batch_size}); lower optim.global_batch_size"
         )
@@ -70,7 +74,7 @@ def _check_categories(config: TrainConfig, categories: int) -> None:
     ids = read_split_table(config.data.path, config.data.train_split, columns=["category_id"]).column("category_id")
     low, high = pc.min_max(ids).values()
     if len(ids) and (low.as_py() < 0 or high.as_py() >= categories):
-        raise ValueError(
+        raise SetupError(
             f"category ids in {config.data.path} run from {low.as_py()} to {high.as_py()}, but the model's "
             f"category classifier has {categories} classes; set model.overrides.categories to at least "
             f"{high.as_py() + 1}"
@@ -85,17 +89,17 @@ def run_training(config: TrainConfig) -> TrainingSummary:
     manifest = read_manifest(config.data.path)
     for split in (config.data.train_split, config.data.val_split):
         if split not in manifest["splits"]:
-            raise ValueError(f"split '{split}' is not in {config.data.path}: {sorted(manifest['splits'])}")
+            raise SetupError(f"split '{split}' is not in {config.data.path}: {sorted(manifest['splits'])}")
     model_config = config.model.vglaw_config()
     if manifest["image_size"] != model_config.vision.image_size:
-        raise ValueError(
+        raise SetupError(
             f"the data was letterboxed to {manifest['image_size']} px but model '{config.model.preset}' takes "
             f"{model_config.vision.image_size}; preprocess with --image-size {model_config.vision.image_size}"
         )
     if model_config.head.categories:
         _check_categories(config, model_config.head.categories)
     if config.data.image_decode == "device" and manifest["image_format"] != "jpeg":
-        raise ValueError(
+        raise SetupError(
             f"data.image_decode=device decodes JPEG canvases, {config.data.path} holds {manifest['image_format']}; "
             "preprocess with --image-format jpeg or set data.image_decode=ingest"
         )
@@ -106,6 +110,9 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         f"{config.optim.global_batch_size} on {config.run.num_workers} workers; vocab {tokenizer.vocab_size}",
         flush=True,
     )
+
+    plan = training_plan(config, steps_per_epoch)
+    check_resume_plan(config.run.storage_dir / config.run.name, plan)
 
     tracker = _Tracker(config, manifest) if config.run.mlflow else None
     # The run prints one progress line per epoch; Ray Data's per-operator bars would bury them.
@@ -138,6 +145,7 @@ def run_training(config: TrainConfig) -> TrainingSummary:
             "vocab": tokenizer.vocab,
             "max_tokens": tokenizer.max_tokens,
             "steps_per_epoch": steps_per_epoch,
+            "plan": plan,
             "mlflow_run_id": tracker.run_id if tracker else None,
             # A progress bar when this process writes to a terminal, plain lines for logs and ray job submit.
             "interactive": sys.stdout.isatty(),
@@ -182,6 +190,50 @@ def run_training(config: TrainConfig) -> TrainingSummary:
         mlflow_run_id=tracker.run_id if tracker else None,
         registered_version=version,
     )
+
+
+def training_plan(config: TrainConfig, steps_per_epoch: int) -> dict[str, Any]:
+    """The settings that fix a run's steps, batches and learning rates: a resumed run must keep them all."""
+    optim = config.optim
+    return {
+        "optim.epochs": optim.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "optim.global_batch_size": optim.global_batch_size,
+        "optim.schedule": optim.schedule,
+        "optim.warmup_steps": optim.warmup_steps,
+        "optim.decay_epochs": list(optim.decay_epochs),
+        "optim.decay_factor": optim.decay_factor,
+        "optim.lr_backbone": optim.lr_backbone,
+        "optim.lr_head": optim.lr_head,
+        "run.seed": config.run.seed,
+    }
+
+
+def check_resume_plan(run_dir: Path, plan: dict[str, Any]) -> None:
+    """Refuses to resume ``run_dir`` (a run of the same name) when its latest checkpoint was made on another plan.
+
+    NOTE: a resumed run takes its step and optimiser from the checkpoint and its schedule from the config: with,
+    say, more epochs than it started with, its learning rate would jump back up from where it had decayed to.
+    A checkpoint written before runs saved their plan cannot be checked, so it is not resumed either.
+    """
+    # Ray names them by time, so the last is the latest; beside them lies its checkpoint_manager_snapshot.json
+    checkpoints = sorted(path for path in run_dir.glob("checkpoint_*") if path.is_dir())
+    if not checkpoints:
+        return
+    advice = f"give this one another run.name, or remove {run_dir} to start it over"
+    if not (checkpoints[-1] / PLAN_FILE).is_file():
+        raise SetupError(
+            f"run {run_dir.name} in {run_dir.parent} has a checkpoint from before runs saved their plan "
+            f"({PLAN_FILE}), so whether this config continues it cannot be checked: {advice}"
+        )
+    saved = json.loads((checkpoints[-1] / PLAN_FILE).read_text())
+    changed = {key: (saved.get(key), value) for key, value in plan.items() if saved.get(key) != value}
+    if changed:
+        differences = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+        raise SetupError(
+            f"run {run_dir.name} in {run_dir.parent} was started on another plan ({differences}); a run resumes "
+            f"only on its own plan: {advice}"
+        )
 
 
 def _copy_model_dir(checkpoint: Path, target: Path) -> None:

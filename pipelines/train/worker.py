@@ -34,6 +34,7 @@ from vglaw.transforms import normalize
 from vglaw.weights import load_bert_weights, load_vit_weights
 
 STATE_FILE = "train_state.json"
+PLAN_FILE = "plan.json"  # what the run was started with: a run resumes only on its own plan (driver.py)
 
 
 @dataclass
@@ -211,7 +212,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logger.log({f"train/{k}": v for k, v in values.items()}, step=position.step)
             every = config.run.checkpoint_every_steps
             if every and position.step % every == 0 and position.batch_in_epoch < steps_per_epoch:
-                _report_with_checkpoint(model, tokenizer, optimizer, scheduler, position, rank, {})
+                _report_with_checkpoint(model, tokenizer, optimizer, scheduler, position, rank, {}, loop_config["plan"])
         progress.end_epoch()
         position.epoch += 1
         position.batch_in_epoch = 0
@@ -239,7 +240,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         if rank == 0 and config.run.overlays:
             logger.log_overlays(model, tokenizer, val_data, config.run.overlays, position.epoch)
-        _report_with_checkpoint(model, tokenizer, optimizer, scheduler, position, rank, epoch_metrics)
+        _report_with_checkpoint(
+            model, tokenizer, optimizer, scheduler, position, rank, epoch_metrics, loop_config["plan"]
+        )
 
 
 def _report_with_checkpoint(
@@ -250,8 +253,9 @@ def _report_with_checkpoint(
     position: Position,
     rank: int,
     metrics: dict[str, Any],
+    plan: dict[str, Any],
 ) -> None:
-    """Every rank writes its RNG state; rank 0 also writes a loadable model directory and the optimiser."""
+    """Every rank writes its RNG state; rank 0 also writes a loadable model directory, the optimiser and the plan."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
@@ -261,6 +265,7 @@ def _report_with_checkpoint(
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "optim.pt"
             )
             (directory / STATE_FILE).write_text(json.dumps(position.__dict__))
+            (directory / PLAN_FILE).write_text(json.dumps(plan))
         report = {"epoch": position.epoch, "step": position.step, **metrics}
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 

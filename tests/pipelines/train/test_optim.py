@@ -1,13 +1,15 @@
-"""The learning-rate schedules, against values worked out by hand."""
+"""The learning-rate schedules, against values worked out by hand, and the plan a resumed run must keep."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from pipelines.train.config import OptimSection
+from pipelines.train.config import OptimSection, load_config
 from pipelines.train.optim import build_scheduler, lr_factor
 
 
@@ -60,3 +62,44 @@ def test_a_schedule_is_one_of_three_and_only_step_has_decay_epochs() -> None:
     for schedule in ("cosine", "linear"):
         with pytest.raises(ValueError, match="decay_epochs belong to the step schedule"):
             OptimSection(schedule=schedule)  # the paper's (10, 60) are the default
+
+
+def test_a_run_resumes_only_on_the_plan_it_started_with(tmp_path: Path) -> None:
+    from pipelines.train.driver import SetupError, check_resume_plan, training_plan
+    from pipelines.train.worker import PLAN_FILE
+
+    config = load_config(Path(__file__).resolve().parents[3] / "configs" / "synthetic.yaml")
+    plan = training_plan(config, steps_per_epoch=325)
+    assert plan["optim.epochs"] == 8 and plan["optim.lr_head"] == 1e-3 and plan["optim.decay_epochs"] == []
+    run = tmp_path / "vglaw-synthetic"
+    check_resume_plan(run, plan)  # nothing to resume
+    (run / "checkpoint_2026-12-03_18-40-00.000001").mkdir(parents=True)
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's, beside its checkpoints
+    with pytest.raises(SetupError, match=r"from before runs saved their plan.*another run.name, or remove"):
+        check_resume_plan(run, plan)  # a checkpoint from before plans were saved: no telling what it was
+    six = {**plan, "optim.epochs": 6}
+    (run / "checkpoint_2026-12-03_18-41-00.000001").mkdir()
+    (run / "checkpoint_2026-12-03_18-41-00.000001" / PLAN_FILE).write_text(json.dumps(six))
+    with pytest.raises(SetupError, match=r"another plan \(optim.epochs 6 -> 8\).*another run.name, or remove"):
+        check_resume_plan(run, plan)
+    check_resume_plan(run, six)
+    latest = run / "checkpoint_2026-12-03_18-42-00.000001"  # the latest checkpoint is the one that counts
+    latest.mkdir()
+    (latest / PLAN_FILE).write_text(json.dumps(plan))
+    check_resume_plan(run, plan)
+    with pytest.raises(ValueError, match=r"steps_per_epoch 325 -> 300, optim.lr_backbone 0.001 -> 0.002"):
+        check_resume_plan(run, {**plan, "steps_per_epoch": 300, "optim.lr_backbone": 2e-3})
+
+
+def test_jobs_train_reports_a_run_that_cannot_start_as_an_error_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import jobs.train
+    import pipelines.train.driver as driver
+
+    def refuse(config: object) -> None:
+        raise driver.SetupError("run r in runs was started on another plan (optim.epochs 6 -> 8)")
+
+    monkeypatch.setattr(driver, "run_training", refuse)
+    assert jobs.train.main(["--config", str(Path(__file__).resolve().parents[3] / "configs" / "synthetic.yaml")]) == 2
+    assert capsys.readouterr().err == "error: run r in runs was started on another plan (optim.epochs 6 -> 8)\n"
