@@ -57,6 +57,7 @@ class VGLAW(nn.Module):
             use_rel_pos=v.use_rel_pos,
             drop_path=v.drop_path,
             norm_eps=v.norm_eps,
+            stem=v.stem,
         )
         self.aggregation: LanguageFeatureAggregation | None = None
         self.weight_generator: LanguageAdaptiveWeights | None = None

@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, PatchEmbed
+from timm.layers import DropPath, LayerNorm2d, Mlp, PatchEmbed
 from torch import Tensor, nn
 
 from vglaw.adaptive import LowRankUpdate, linear_with_update
@@ -132,6 +132,33 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class ConvStem(nn.Module):
+    """Tokens from a stack of 3x3 stride-2 convolutions instead of one linear projection per patch.
+
+    Xiao et al., "Early Convolutions Help Transformers See Better" (NeurIPS 2021): a ViT whose patch projection
+    is replaced by a few convolutions optimises faster and more stably from scratch, at about the cost of one
+    more transformer block. log2(patch_size) layers (conv, LayerNorm over channels, GELU), each halving the
+    resolution and doubling the width up to ``embed_dim``, then a 1x1 projection to ``embed_dim``: the same
+    stride and output as ``PatchEmbed`` ([B, S/p, S/p, C], NHWC). Not in the paper, whose ViT comes pretrained
+    with a patch projection; ``VisionConfig.stem`` chooses it for models trained from scratch.
+    """
+
+    def __init__(self, *, patch_size: int, embed_dim: int) -> None:
+        super().__init__()
+        depth = patch_size.bit_length() - 1  # patch_size is a power of 2
+        widths = [max(embed_dim >> (depth - 1 - i), 8) for i in range(depth)]  # ..., C/4, C/2, C
+        layers: list[nn.Module] = []
+        channels = 3
+        for width in widths:
+            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), LayerNorm2d(width), nn.GELU()]
+            channels = width
+        self.layers = nn.Sequential(*layers)
+        self.out = nn.Linear(channels, embed_dim)  # the 1x1 projection, on channels-last features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.out(self.layers(images).permute(0, 2, 3, 1))  # [B, h, w, C]
+
+
 class ViTDetBackbone(nn.Module):
     """Plain ViT adapted to detection resolution as in ViTDet: stride 16, no final norm, no class token.
 
@@ -154,15 +181,20 @@ class ViTDetBackbone(nn.Module):
         use_rel_pos: bool = True,
         drop_path: float = 0.1,
         norm_eps: float = 1e-6,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         self.image_size = image_size
         self.stride = patch_size
         self.out_channels = embed_dim
         grid = image_size // patch_size
-        self.patch_embed = PatchEmbed(
-            img_size=image_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim, output_fmt="NHWC"
-        )
+        self.patch_embed: nn.Module
+        if stem == "conv":
+            self.patch_embed = ConvStem(patch_size=patch_size, embed_dim=embed_dim)
+        else:
+            self.patch_embed = PatchEmbed(
+                img_size=image_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim, output_fmt="NHWC"
+            )
         # At the input grid. NOTE: initialised with fixed 2-D sine-cosine values, as MAE does: a model trained
         # from scratch then knows where every token is from step 0, which box regression needs.
         self.pos_embed = nn.Parameter(sincos_pos_embed(grid, embed_dim))

@@ -35,7 +35,12 @@ class ModelSection:
 
         if self.preset not in vglaw.list_models():
             raise ValueError(f"model.preset '{self.preset}' is not one of {vglaw.list_models()}")
-        self.vglaw_config()  # validates the overrides now, not on a worker
+        model = self.vglaw_config()  # validates the overrides now, not on a worker
+        if self.pretrained_vit is not None and model.vision.stem != "patch":
+            raise ValueError(
+                f"model.pretrained_vit needs the patch stem, which pretrained ViTs have; the model's stem is "
+                f"{model.vision.stem!r} (model.overrides.stem)"
+            )
         for path in (self.pretrained_vit, self.pretrained_bert):
             if path is not None and not Path(path).exists():
                 raise FileNotFoundError(f"pretrained weights not found: {path}")

@@ -122,7 +122,7 @@ SHIPPED: dict[str, dict[str, Any]] = {
     "referit": _paper("referit", "data/processed/refclef_berkeley"),
     "synthetic": {
         **SYNTHETIC_SCHEDULE,
-        "model.overrides": {"categories": 9},
+        "model.overrides": {"categories": 9, "stem": "conv"},
         "data.path": "data/processed/synthetic_unc_128",
         "optim.epochs": 8,
         "optim.schedule": "cosine",
@@ -213,6 +213,7 @@ def test_paper_configs_keep_the_papers_objective(dataset: str) -> None:
     assert loss == PAPER_LOSS | NOT_THE_PAPERS
     assert "categories" not in config.model.overrides  # the aid's classifier is not even built
     assert config.model.vglaw_config().head.categories == 0
+    assert config.model.vglaw_config().vision.stem == "patch"  # ViTDet's patch projection, as pretrained
     assert (config.optim.schedule, config.optim.decay_epochs) == ("step", (10, 60))
 
 
@@ -331,3 +332,12 @@ def test_numbers_written_as_people_write_them_are_numbers(tmp_path: Path) -> Non
     assert load_config(file).optim.weight_decay == 0.05
     with pytest.raises(ValueError, match=r"optim\.lr_head must be a number, got 'fast'"):
         load_config(None, ["optim.lr_head=fast"])
+
+
+def test_a_pretrained_vit_needs_the_patch_stem(tmp_path: Path) -> None:
+    """A ViT checkpoint holds a patch projection; a conv-stem model fails before any worker starts."""
+    checkpoint = tmp_path / "vit.pth"
+    checkpoint.write_bytes(b"")  # only its existence is checked here; tests/vglaw/test_vision.py loads one
+    assert load_config(None, [f"model.pretrained_vit={checkpoint}"]).model.vglaw_config().vision.stem == "patch"
+    with pytest.raises(ValueError, match=r"model\.pretrained_vit needs the patch stem.*'conv'"):
+        load_config(None, [f"model.pretrained_vit={checkpoint}", "model.overrides={stem: conv}"])
