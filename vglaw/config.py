@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Task = Literal["rec", "res"]
-STEMS = ("patch", "conv")  # VisionConfig.stem
+STEMS = ("patch", "patch+conv")  # VisionConfig.stem
 
 
 @dataclass
@@ -30,16 +30,16 @@ class VisionConfig:
     drop_path: float = 0.1
     norm_eps: float = 1e-6
     # How pixels become tokens: "patch", ViTDet's (one linear projection of each patch, what pretrained
-    # checkpoints hold), or "conv", a stack of 3x3 stride-2 convolutions down to the patch stride (for models
-    # trained from scratch; see vglaw.vision.ConvStem)
+    # checkpoints hold), or "patch+conv", that projection plus a branch of 3x3 stride-2 convolutions (for models
+    # trained from scratch; see vglaw.vision.PatchConvEmbed)
     stem: str = "patch"
 
     def __post_init__(self) -> None:
         self.global_blocks = tuple(int(i) for i in self.global_blocks)
         _require(self.stem in STEMS, f"stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
         _require(
-            self.stem != "conv" or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
-            f"the conv stem halves the resolution per layer: patch_size {self.patch_size} is not a power of 2",
+            self.stem == "patch" or (self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0),
+            f"the {self.stem} stem halves the resolution per layer: patch_size {self.patch_size} is not a power of 2",
         )
         _require(self.image_size > 0 and self.patch_size > 0, "image_size and patch_size must be positive")
         _require(

@@ -132,31 +132,36 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class ConvStem(nn.Module):
-    """Tokens from a stack of 3x3 stride-2 convolutions instead of one linear projection per patch.
+class PatchConvEmbed(nn.Module):
+    """ViTDet's patch projection with a convolutional branch beside it, for a ViT trained from scratch.
 
-    Xiao et al., "Early Convolutions Help Transformers See Better" (NeurIPS 2021): a ViT whose patch projection
-    is replaced by a few convolutions optimises faster and more stably from scratch, at about the cost of one
-    more transformer block. log2(patch_size) layers (conv, LayerNorm over channels, GELU), each halving the
-    resolution and doubling the width up to ``embed_dim``, then a 1x1 projection to ``embed_dim``: the same
-    stride and output as ``PatchEmbed`` ([B, S/p, S/p, C], NHWC). Not in the paper, whose ViT comes pretrained
-    with a patch projection; ``VisionConfig.stem`` chooses it for models trained from scratch.
+    Each token is ``patch(image) + out(convs(image))``: ``patch`` is :class:`PatchEmbed`'s linear projection of
+    the token's 16 x 16 pixels, which keeps where in the patch every pixel lies (what boxes and masks are made
+    of); ``convs`` are log2(patch_size) 3x3 stride-2 convolutions, each with a LayerNorm over channels and a GELU,
+    widening to ``embed_dim`` (..., C/4, C/2, C), and ``out`` a linear map: the early convolutions of Xiao et
+    al., "Early Convolutions Help Transformers See Better" (NeurIPS 2021), which learn edges and corners, so
+    shapes, much sooner than a patch projection does from a random start. Same stride and output as
+    ``PatchEmbed`` ([B, S/p, S/p, C], NHWC). Not in the paper, whose ViT comes pretrained with a patch projection
+    (``VisionConfig.stem`` chooses it).
     """
 
-    def __init__(self, *, patch_size: int, embed_dim: int) -> None:
+    def __init__(self, *, image_size: int, patch_size: int, embed_dim: int) -> None:
         super().__init__()
+        self.patch = PatchEmbed(
+            img_size=image_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim, output_fmt="NHWC"
+        )
         depth = patch_size.bit_length() - 1  # patch_size is a power of 2
-        widths = [max(embed_dim >> (depth - 1 - i), 8) for i in range(depth)]  # ..., C/4, C/2, C
+        widths = [max(embed_dim >> (depth - 1 - i), 8) for i in range(depth)]
         layers: list[nn.Module] = []
         channels = 3
         for width in widths:
             layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), LayerNorm2d(width), nn.GELU()]
             channels = width
-        self.layers = nn.Sequential(*layers)
-        self.out = nn.Linear(channels, embed_dim)  # the 1x1 projection, on channels-last features
+        self.convs = nn.Sequential(*layers)
+        self.out = nn.Linear(channels, embed_dim)  # a 1x1 projection, on channels-last features
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.out(self.layers(images).permute(0, 2, 3, 1))  # [B, h, w, C]
+        return self.patch(images) + self.out(self.convs(images).permute(0, 2, 3, 1))  # [B, h, w, C]
 
 
 class ViTDetBackbone(nn.Module):
@@ -189,8 +194,8 @@ class ViTDetBackbone(nn.Module):
         self.out_channels = embed_dim
         grid = image_size // patch_size
         self.patch_embed: nn.Module
-        if stem == "conv":
-            self.patch_embed = ConvStem(patch_size=patch_size, embed_dim=embed_dim)
+        if stem == "patch+conv":
+            self.patch_embed = PatchConvEmbed(image_size=image_size, patch_size=patch_size, embed_dim=embed_dim)
         else:
             self.patch_embed = PatchEmbed(
                 img_size=image_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim, output_fmt="NHWC"

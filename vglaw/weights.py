@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vglaw import safe_pickle
-from vglaw.vision import ConvStem
+from vglaw.vision import PatchConvEmbed
 
 VitFormat = Literal["vitdet", "sam", "vit"]
 StateDict = dict[str, Tensor]
@@ -107,9 +107,9 @@ def convert_vit_state_dict(
 ) -> tuple[StateDict, LoadReport]:
     """Map ``state`` onto ``target``'s (a :class:`vglaw.vision.ViTDetBackbone`) keys and shapes."""
     fmt: VitFormat = detect_vit_format(state) if source_format == "auto" else source_format
-    if isinstance(getattr(target, "patch_embed", None), ConvStem):
+    if isinstance(getattr(target, "patch_embed", None), PatchConvEmbed):
         raise WeightImportError(
-            f"the backbone has a conv stem (model stem: conv), which no {fmt} checkpoint holds: "
+            f"the backbone's stem is patch+conv, whose convolutions no {fmt} checkpoint holds: "
             "pretrained ViT weights need the patch stem (stem: patch)"
         )
     report = LoadReport(source_format=fmt)

@@ -122,7 +122,7 @@ SHIPPED: dict[str, dict[str, Any]] = {
     "referit": _paper("referit", "data/processed/refclef_berkeley"),
     "synthetic": {
         **SYNTHETIC_SCHEDULE,
-        "model.overrides": {"categories": 9, "stem": "conv"},
+        "model.overrides": {"categories": 9, "stem": "patch+conv"},
         "data.path": "data/processed/synthetic_unc_128",
         "optim.epochs": 8,
         "optim.schedule": "cosine",
@@ -335,9 +335,9 @@ def test_numbers_written_as_people_write_them_are_numbers(tmp_path: Path) -> Non
 
 
 def test_a_pretrained_vit_needs_the_patch_stem(tmp_path: Path) -> None:
-    """A ViT checkpoint holds a patch projection; a conv-stem model fails before any worker starts."""
+    """A ViT checkpoint holds a patch projection only; a patch+conv model fails before any worker starts."""
     checkpoint = tmp_path / "vit.pth"
     checkpoint.write_bytes(b"")  # only its existence is checked here; tests/vglaw/test_vision.py loads one
     assert load_config(None, [f"model.pretrained_vit={checkpoint}"]).model.vglaw_config().vision.stem == "patch"
-    with pytest.raises(ValueError, match=r"model\.pretrained_vit needs the patch stem.*'conv'"):
-        load_config(None, [f"model.pretrained_vit={checkpoint}", "model.overrides={stem: conv}"])
+    with pytest.raises(ValueError, match=r"model\.pretrained_vit needs the patch stem.*'patch\+conv'"):
+        load_config(None, [f"model.pretrained_vit={checkpoint}", "model.overrides={stem: patch+conv}"])
