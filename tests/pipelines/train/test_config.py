@@ -124,7 +124,7 @@ SHIPPED: dict[str, dict[str, Any]] = {
         **SYNTHETIC_SCHEDULE,
         "model.overrides": {"categories": 9, "stem": "patch+conv"},
         "data.path": "data/processed/synthetic_unc_128",
-        "optim.epochs": 8,
+        "optim.epochs": 6,
         "optim.schedule": "cosine",
         "optim.decay_epochs": (),
         "optim.warmup_steps": 20,

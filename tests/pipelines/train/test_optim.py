@@ -70,19 +70,19 @@ def test_a_run_resumes_only_on_the_plan_it_started_with(tmp_path: Path) -> None:
 
     config = load_config(Path(__file__).resolve().parents[3] / "configs" / "synthetic.yaml")
     plan = training_plan(config, steps_per_epoch=325)
-    assert plan["optim.epochs"] == 8 and plan["optim.lr_head"] == 1e-3 and plan["optim.decay_epochs"] == []
+    assert plan["optim.epochs"] == 6 and plan["optim.lr_head"] == 1e-3 and plan["optim.decay_epochs"] == []
     run = tmp_path / "vglaw-synthetic"
     check_resume_plan(run, plan)  # nothing to resume
     (run / "checkpoint_2026-12-03_18-40-00.000001").mkdir(parents=True)
     (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's, beside its checkpoints
     with pytest.raises(SetupError, match=r"from before runs saved their plan.*another run.name, or remove"):
         check_resume_plan(run, plan)  # a checkpoint from before plans were saved: no telling what it was
-    six = {**plan, "optim.epochs": 6}
+    eight = {**plan, "optim.epochs": 8}
     (run / "checkpoint_2026-12-03_18-41-00.000001").mkdir()
-    (run / "checkpoint_2026-12-03_18-41-00.000001" / PLAN_FILE).write_text(json.dumps(six))
-    with pytest.raises(SetupError, match=r"another plan \(optim.epochs 6 -> 8\).*another run.name, or remove"):
+    (run / "checkpoint_2026-12-03_18-41-00.000001" / PLAN_FILE).write_text(json.dumps(eight))
+    with pytest.raises(SetupError, match=r"another plan \(optim.epochs 8 -> 6\).*another run.name, or remove"):
         check_resume_plan(run, plan)
-    check_resume_plan(run, six)
+    check_resume_plan(run, eight)
     latest = run / "checkpoint_2026-12-03_18-42-00.000001"  # the latest checkpoint is the one that counts
     latest.mkdir()
     (latest / PLAN_FILE).write_text(json.dumps(plan))

@@ -75,7 +75,7 @@ def _runs_named(ws: dict[str, Path], name: str) -> list:
 def test_two_compiled_workers_learn_and_everything_is_tracked(workspace) -> None:
     # Compiled and in bf16 where the CPU computes in bf16, as GPU runs are: torch.compile (inductor on the CPU)
     # wraps the DDP model under bf16 autocast, and it still learns. The schedule is of the demo's kind (cosine, as in
-    # configs/synthetic.yaml, over 6 of its 8 epochs) and the box loss heavier than the paper's, as the demo's is.
+    # configs/synthetic.yaml, over as many epochs) and the box loss heavier than the paper's, as the demo's is.
     overrides = ["model.compile=true", "run.precision=auto", "optim.epochs=6", "optim.schedule=cosine"]
     overrides += ["loss.l1=5", "loss.giou=2"]
     result = run_job(_train_args(workspace, "learns", *overrides), _env(workspace), 2400)
